@@ -1,0 +1,23 @@
+from setuptools import setup
+
+# `kernels/` (Triton kernels only) ships as the subpackage `sami_fast.kernels`:
+# a top-level package named `kernels` would shadow an unrelated PyPI package
+# that transformers probes for.
+setup(
+    name="sami_fast",
+    version="0.1.0",
+    description="Fused Triton kernels and a shared-prefix trainer for SAMI "
+    "(Self-Supervised Alignment with Mutual Information)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["sami_fast", "sami_fast.kernels"],
+    package_dir={"sami_fast": "sami_fast", "sami_fast.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.0"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "hf": ["transformers>=4.57", "accelerate", "gguf"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["sami-fast=sami_fast.cli:main"]},
+)
