@@ -11,11 +11,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["sami_fast", "sami_fast.kernels"],
+    packages=["sami_fast", "sami_fast.bench", "sami_fast.kernels"],
     package_dir={"sami_fast": "sami_fast", "sami_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "setuptools>=70.1"],
         "hf": ["transformers>=4.57", "accelerate", "gguf"],
         "flash": ["flash-attn>=2.6"],
     },
