@@ -1,0 +1,260 @@
+"""One prepared GPU run: correctness at real shapes, then the timing/memory table.
+
+Usage (on a CUDA machine, from the repository root; installs nothing):
+
+    python benchmarks/gpu_check.py --out benchmarks/results/h200.csv
+
+1. Correctness (bf16, D=4096, V=128256, a few thousand rows, and V=262144):
+   ``sequence_logprobs`` values and gradients (hidden, weight, bias) against the
+   float64 reference, by the oracle rule |ours - fp64| <= |torch bf16 - fp64| + tol
+   (tol = bf16 eps * max|fp64|), plus relative norms; an fp32 case within 1e-4.
+   ``sami_loss`` likewise (fp32 and bf16, with a mask).
+2. Timing: every topic's ``cases("cuda", size)`` from ``sami_fast/bench`` through
+   ``sami_fast.bench.measure``; the table is printed and rows appended to --out.
+
+Every check and case runs on its own: a failure is printed and the rest go on.
+A wall-clock budget (--budget-s) skips what would not fit in the lease.
+"""
+
+import argparse
+import importlib.util
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_sami_fast():
+    """Import sami_fast from this checkout when it is not installed (``kernels/`` is ``sami_fast.kernels``)."""
+    if importlib.util.find_spec("sami_fast") is None:
+        sys.path.insert(0, str(ROOT))
+        spec = importlib.util.spec_from_file_location(
+            "sami_fast.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")],
+        )
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["sami_fast.kernels"] = kernels
+        spec.loader.exec_module(kernels)
+    import sami_fast
+
+    return sami_fast
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.csv"),
+                        help="CSV to append the timing rows to (created with a header if missing)")
+    parser.add_argument("--size", choices=("small", "full"), default="full", help="benchmark shapes (default: full)")
+    parser.add_argument("--topics", default=None, help="comma-separated benchmark topics (default: all)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per benchmark case")
+    parser.add_argument("--budget-s", type=float, default=450.0,
+                        help="wall-clock budget; later steps are skipped once it is spent (default 450 s)")
+    parser.add_argument("--skip-checks", action="store_true", help="only the timing table")
+    parser.add_argument("--skip-bench", action="store_true", help="only the correctness checks")
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="run the correctness checks at tiny shapes on the CPU (tests this script, not the GPU)")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- comparison helpers
+def oracle_report(name, ours, same_dtype, exact):
+    """PASS if |ours - exact| <= |same_dtype - exact| + eps * max|exact| elementwise (eps of same_dtype)."""
+    import torch
+
+    ours, same, exact = ours.double(), same_dtype.double(), exact.double()
+    tol = torch.finfo(same_dtype.dtype).eps * exact.abs().max().item()
+    excess = ((ours - exact).abs() - (same - exact).abs()).max().item()
+    rel_ours = ((ours - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+    rel_torch = ((same - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+    ok = bool(torch.isfinite(ours).all()) and excess <= tol
+    print(f"    {name:<10} {'PASS' if ok else 'FAIL'}  rel err ours {rel_ours:.2e}  torch {rel_torch:.2e}  "
+          f"max excess {excess:.2e} (tol {tol:.2e})")
+    return ok
+
+
+def relative_report(name, ours, exact, limit):
+    import torch
+
+    rel = ((ours.double() - exact.double()).norm() / exact.double().norm().clamp_min(1e-30)).item()
+    ok = bool(torch.isfinite(ours).all()) and rel <= limit
+    print(f"    {name:<10} {'PASS' if ok else 'FAIL'}  rel err {rel:.2e} (limit {limit:.0e})")
+    return ok
+
+
+def _grads(fn, leaves, dtype, upstream, *args, **kwargs):
+    """(output, *grads) of ``sum(upstream * fn(leaves in dtype, *args))``; grads in the leaves' order."""
+    xs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    out = fn(*xs, *args, **kwargs)
+    (out.double() * upstream).sum().backward()
+    return [out.detach()] + [x.grad for x in xs]
+
+
+# ---------------------------------------------------------------- correctness
+TINY = dict(B=2, T=9, V=37, D=8, C=4)  # shapes of --cpu-dry-run
+def _synchronize(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_sequence_logprobs(sf, device, B, T, V, D, dtype, scored=1.0, softcap=None, temperature=1.0,
+                            use_bias=False):
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(B, T, D, device=device, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, D, device=device, generator=gen, dtype=torch.float64) * D**-0.5 * 2
+    bias = torch.randn(V, device=device, generator=gen, dtype=torch.float64) if use_bias else None
+    labels = torch.randint(0, V, (B, T), device=device, generator=gen)
+    labels[:, : int(T * (1 - scored))] = -100
+    upstream = torch.randn(B, device=device, generator=gen, dtype=torch.float64)
+    leaves = [hidden, weight] + ([bias] if use_bias else [])
+
+    def call(fn):
+        def f(h, w, *b):
+            return fn(h, w, labels, bias=b[0] if b else None, softcap=softcap, temperature=temperature)
+        return f
+
+    names = ["value", "d_hidden", "d_weight"] + (["d_bias"] if use_bias else [])
+    _synchronize(device)
+    t0 = time.perf_counter()
+    ours = _grads(call(sf.sequence_logprobs), leaves, dtype, upstream)
+    _synchronize(device)
+    print(f"    (ours fwd+bwd incl. compile/autotune: {time.perf_counter() - t0:.1f} s)")
+    exact = _grads(call(sf.reference.sequence_logprobs), leaves, torch.float64, upstream)
+    if dtype == torch.float32:
+        return all(relative_report(n, o, e, 1e-4) for n, o, e in zip(names, ours, exact))
+    same = _grads(call(sf.reference.sequence_logprobs), leaves, dtype, upstream)
+    return all([oracle_report(n, o, s, e) for n, o, s, e in zip(names, ours, same, exact)])
+
+
+def check_sami_loss(sf, device, B, C, dtype):
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    logprobs = -torch.rand(B, C, C, device=device, generator=gen, dtype=torch.float64) * 40
+    mask = torch.rand(B, C, C, device=device, generator=gen) > 0.1
+    mask[0] = False  # a query with no contributing row is left out
+
+    def loss_and_grad(fn, d):
+        x = logprobs.detach().to(d).requires_grad_()
+        loss = fn(x, mask)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    ours = loss_and_grad(sf.sami_loss, dtype)
+    exact = loss_and_grad(sf.reference.sami_loss, torch.float64)
+    if dtype == torch.float32:
+        return all(relative_report(n, o, e, 1e-5) for n, o, e in zip(("loss", "d_logprobs"), ours, exact))
+    same = loss_and_grad(sf.reference.sami_loss, dtype)
+    return all([oracle_report(n, o, s, e) for n, o, s, e in zip(("loss", "d_logprobs"), ours, same, exact)])
+
+
+def run_checks(sf, device, deadline):
+    import torch
+
+    checks = [
+        ("sequence_logprobs bf16 B=2 T=1025 D=4096 V=128256", check_sequence_logprobs,
+         dict(B=2, T=1025, V=128256, D=4096, dtype=torch.bfloat16)),
+        ("sequence_logprobs bf16 20% scored, softcap=30, T=0.7, bias", check_sequence_logprobs,
+         dict(B=4, T=1025, V=128256, D=4096, dtype=torch.bfloat16, scored=0.2, softcap=30.0, temperature=0.7,
+              use_bias=True)),
+        ("sequence_logprobs fp16 B=2 T=513 D=4096 V=128256", check_sequence_logprobs,
+         dict(B=2, T=513, V=128256, D=4096, dtype=torch.float16)),
+        ("sequence_logprobs fp32 B=1 T=257 D=1000 V=50001 softcap", check_sequence_logprobs,
+         dict(B=1, T=257, V=50001, D=1000, dtype=torch.float32, softcap=20.0, use_bias=True)),
+        ("sequence_logprobs bf16 V=262144 B=1 T=257", check_sequence_logprobs,
+         dict(B=1, T=257, V=262144, D=4096, dtype=torch.bfloat16)),
+        ("sami_loss fp32 B=512 C=16", check_sami_loss, dict(B=512, C=16, dtype=torch.float32)),
+        ("sami_loss bf16 B=512 C=16", check_sami_loss, dict(B=512, C=16, dtype=torch.bfloat16)),
+    ]
+    results = []
+    for title, check, kwargs in checks:
+        if time.monotonic() > deadline:
+            print(f"  SKIP {title} (budget spent)")
+            results.append((title, "skipped"))
+            continue
+        print(f"  {title}")
+        try:
+            if device == "cpu":  # dry run: the same code path at tiny shapes
+                kwargs = {**kwargs, **{k: v for k, v in TINY.items() if k in kwargs}}
+            results.append((title, "PASS" if check(sf, device, **kwargs) else "FAIL"))
+        except Exception:
+            traceback.print_exc()
+            results.append((title, "ERROR"))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+# ---------------------------------------------------------------- timing
+def run_bench(args, deadline):
+    from sami_fast import bench
+
+    topics = args.topics.split(",") if args.topics else list(bench.TOPICS)
+    rows = []
+    for topic in topics:
+        if time.monotonic() > deadline:
+            print(f"  SKIP topic {topic} (budget spent)")
+            continue
+        print(f"[{topic}]")
+        try:
+            cases = bench.load_cases(topic, "cuda", args.size)
+        except Exception:
+            traceback.print_exc()
+            continue
+        for case in cases:
+            if time.monotonic() > deadline:
+                print(f"  SKIP {case.provider} {case.x} (budget spent)")
+                continue
+            rows += bench.run_cases([case], "cuda", args.repeats)
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    sf = _import_sami_fast()
+    from sami_fast import bench
+
+    if args.cpu_dry_run:
+        results = run_checks(sf, "cpu", deadline)
+        return 1 if any(status != "PASS" for _, status in results) else 0
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device available", file=sys.stderr)
+        return 2
+
+    print(f"gpu_check: {bench.device_name('cuda')} torch={torch.__version__} "
+          f"triton={importlib.import_module('triton').__version__}")
+    results = []
+    if not args.skip_checks:
+        print("== correctness")
+        results = run_checks(sf, "cuda", start + 0.5 * args.budget_s)
+    rows = []
+    if not args.skip_bench:
+        print("== timing")
+        rows = run_bench(args, deadline)
+        print()
+        print(bench.format_table(rows))
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            bench.append_results(args.out, rows, "cuda")
+            print(f"appended to {args.out}")
+        except Exception:
+            traceback.print_exc()
+    print("\n== summary")
+    for title, status in results:
+        print(f"  {status:<7} {title}")
+    print(f"  benchmark cases: {len(rows)}, errors: {sum('error' in r for r in rows)}; "
+          f"wall {time.monotonic() - start:.0f} s")
+    failed = any(status in ("FAIL", "ERROR") for _, status in results) or any("error" in r for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

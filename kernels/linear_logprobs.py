@@ -1,0 +1,314 @@
+"""Fused LM head -> per-row log-probabilities, streamed over the vocabulary.
+
+For rows h_i (M, D), an LM head W (V, D), an optional bias b (V,) and targets y_i:
+
+    s_iv = h_i . w_v + b_v
+    t_iv = tanh(s_iv / c)                       (only with a softcap c)
+    z_iv = c * t_iv / T   (or s_iv / T)         (T = temperature)
+    log p_i = z_iy - lse_i,   lse_i = logsumexp_v z_iv
+
+Forward (``linear_logprobs_kernel``): a program takes a block of rows and a
+contiguous range of vocabulary blocks. It builds one (BLOCK_M, BLOCK_N) logit
+tile at a time with a loop of tl.dot over D, folds the tile into an online
+log-sum-exp in fp32 and picks z_iy when y_i lies in the tile. The vocabulary is
+split across programs so that few rows still fill the GPU; each split writes its
+partial log-sum-exp and the launcher merges the (splits, M) partials. Logits
+never exist beyond one tile; extra memory is O(M * splits).
+
+Backward (``linear_logprobs_backward_kernel``): with the row's upstream gradient
+g_i and p_iv = exp(z_iv - lse_i),
+
+    d z_iv = g_i (onehot(y_i)_v - p_iv)
+    d s_iv = d z_iv * (1 - t_iv^2) / T          (or d z_iv / T)
+    d h_i = sum_v d s_iv w_v,   d w_v = sum_i d s_iv h_i,   d b_v = sum_i d s_iv
+
+One program per (row block, vocabulary block) tile recomputes its logits from the
+saved fp32 LSE, forms the d s tile in fp32 and adds its contributions to fp32
+d_rows and d_weight with atomics, one D block at a time. Why this design rather
+than one kernel per output: at D = 4096 neither a row block's d_rows nor a
+vocabulary block's d_weight fits in registers, so a kernel that owned either
+output would have to recompute every logit tile once per D block (D / BLOCK_K
+times the forward's flops). Here each logit tile is recomputed exactly once and
+the atomics add (BLOCK_M + BLOCK_N) * D fp32 values per tile against
+6 * BLOCK_M * BLOCK_N * D flops. Accumulating in fp32 across vocabulary blocks
+avoids the bf16-accumulation error of fused losses that add into bf16 buffers.
+
+Under TRITON_INTERPRET=1 (CPU) bf16 tl.dot is wrong, so the launchers set
+DOT_FP32 to upcast the operands; on the GPU fp32 inputs also take that path
+(exact fp32 products rather than tf32) and bf16/fp16 inputs use the tensor
+cores with fp32 accumulation.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sami_fast.backend import triton_interpreted
+
+_INTERPRETED = triton_interpreted()
+
+
+def _configs(gpu_configs):
+    # The interpreter runs neither autotuning nor warps/stages: one large tile,
+    # since its cost is per loop iteration rather than per element.
+    if _INTERPRETED:
+        return [triton.Config({**gpu_configs[0].kwargs, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64})]
+    return gpu_configs
+
+
+_HEURISTICS = {
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
+    "EVEN_D": lambda args: args["D"] % args["BLOCK_K"] == 0,
+}
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice tanh is unavailable under the interpreter.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    if DOT_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _pre_softcap_logits(
+    rows_ptr, weight_ptr, bias_ptr, offs_m, offs_n, D, stride_row, stride_weight,
+    HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """s = rows[offs_m] . weight[offs_n]^T + bias[offs_n] as an fp32 (BLOCK_M, BLOCK_N) tile.
+
+    offs_m / offs_n are already wrapped into range, so only the D tail needs a mask.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ptrs = rows_ptr + offs_m[:, None].to(tl.int64) * stride_row + offs_k[None, :]
+    weight_ptrs = weight_ptr + offs_n[:, None].to(tl.int64) * stride_weight + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        if EVEN_D:
+            h = tl.load(row_ptrs)
+            w = tl.load(weight_ptrs)
+        else:
+            in_d = offs_k[None, :] < D - k
+            h = tl.load(row_ptrs, mask=in_d, other=0.0)
+            w = tl.load(weight_ptrs, mask=in_d, other=0.0)
+        acc = _dot(h, tl.trans(w), acc, DOT_FP32)
+        row_ptrs += BLOCK_K
+        weight_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.autotune(
+    # sm_90 register reports (ptxas -v): BLOCK_K=64 spills at 8 warps; these do not (or barely).
+    configs=_configs([
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    ]),
+    key=["V", "D", "DOT_FP32"],
+)
+@triton.heuristics(_HEURISTICS)
+@triton.jit
+def _linear_logprobs_kernel(
+    rows_ptr, weight_ptr, bias_ptr, targets_ptr, partial_lse_ptr, target_logit_ptr,
+    M, V, D, stride_row, stride_weight, softcap, inv_temperature, n_splits,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = offs_m < M
+    targets = tl.load(targets_ptr + offs_m, mask=row_in, other=-1)
+    blocks_per_split = tl.cdiv(tl.cdiv(V, BLOCK_N), n_splits)
+    v_start = split * blocks_per_split * BLOCK_N
+    v_end = tl.minimum(v_start + blocks_per_split * BLOCK_N, V)
+
+    running_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v in range(v_start, v_end, BLOCK_N):
+        offs_n = v + tl.arange(0, BLOCK_N)
+        col_in = offs_n < V
+        z = _pre_softcap_logits(
+            rows_ptr, weight_ptr, bias_ptr, offs_m % M, offs_n % V, D, stride_row, stride_weight,
+            HAS_BIAS, EVEN_D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = z * inv_temperature
+        target_logit += tl.sum(tl.where(offs_n[None, :] == targets[:, None], z, 0.0), axis=1)
+        z = tl.where(col_in[None, :], z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        running_max = new_max
+
+    # A split past the last vocabulary block is empty: its partial LSE is -inf
+    # (the clamp only keeps log(0) out of it; a non-empty split has running_sum >= 1).
+    partial_lse = running_max + tl.log(tl.maximum(running_sum, 1.0))
+    tl.store(partial_lse_ptr + split * M + offs_m, partial_lse, mask=row_in)
+    # Exactly one split holds each target, so this store never races.
+    owns_target = row_in & (targets >= v_start) & (targets < v_end)
+    tl.store(target_logit_ptr + offs_m, target_logit, mask=owns_target)
+
+
+def _vocab_splits(n_row_blocks: int, V: int, device: torch.device) -> int:
+    """Vocabulary splits so that the grid has about two programs per SM."""
+    if _INTERPRETED:
+        return 2  # exercise the split merge in the CPU tests
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, n_row_blocks), triton.cdiv(V, 1024)))
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return _INTERPRETED or dtype in (torch.float32, torch.float64)
+
+
+def linear_logprobs_kernel(rows, weight, targets, bias=None, softcap=None, temperature=1.0):
+    """(log p(target) (M,), lse (M,)) in fp32 for contiguous ``rows`` (M, D), ``weight`` (V, D).
+
+    Every target must lie in [0, V): the caller drops ignored rows beforehand.
+    """
+    M, D = rows.shape
+    V = weight.shape[0]
+    target_logit = torch.empty(M, dtype=torch.float32, device=rows.device)
+    if M == 0:
+        return target_logit, torch.empty_like(target_logit)
+    n_splits = _vocab_splits(triton.cdiv(M, 128), V, rows.device)
+    partial_lse = torch.empty((n_splits, M), dtype=torch.float32, device=rows.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_splits)  # noqa: E731
+    _linear_logprobs_kernel[grid](
+        rows, weight, bias, targets, partial_lse, target_logit,
+        M, V, D, rows.stride(0), weight.stride(0), softcap, 1.0 / temperature, n_splits,
+        DOT_FP32=_dot_fp32(rows.dtype),
+    )
+    lse = torch.logsumexp(partial_lse, dim=0)
+    return target_logit - lse, lse
+
+
+@triton.autotune(
+    configs=_configs([
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    ]),
+    key=["V", "D", "DOT_FP32"],
+    # Autotuning reruns the kernel; its outputs are accumulated, so zero them between runs.
+    reset_to_zero=["d_rows_ptr", "d_weight_ptr", "d_bias_ptr"],
+)
+@triton.heuristics({
+    **_HEURISTICS,
+    "HAS_D_ROWS": lambda args: args["d_rows_ptr"] is not None,
+    "HAS_D_WEIGHT": lambda args: args["d_weight_ptr"] is not None,
+    "HAS_D_BIAS": lambda args: args["d_bias_ptr"] is not None,
+})
+@triton.jit
+def _linear_logprobs_backward_kernel(
+    rows_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, d_rows_ptr, d_weight_ptr, d_bias_ptr,
+    M, V, D, stride_row, stride_weight, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_D_ROWS: tl.constexpr, HAS_D_WEIGHT: tl.constexpr, HAS_D_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order (as in the Triton matmul tutorial): consecutive programs
+    # share weight blocks and row blocks while they are still in L2.
+    pid = tl.program_id(0)
+    n_blocks_m = tl.cdiv(M, BLOCK_M)
+    n_blocks_n = tl.cdiv(V, BLOCK_N)
+    group = pid // (GROUP_M * n_blocks_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(n_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_blocks_n)) % group_size
+    pid_n = (pid % (GROUP_M * n_blocks_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = offs_m < M
+    col_in = offs_n < V
+    rows_m = offs_m % M
+    cols_n = offs_n % V
+    s = _pre_softcap_logits(
+        rows_ptr, weight_ptr, bias_ptr, rows_m, cols_n, D, stride_row, stride_weight,
+        HAS_BIAS, EVEN_D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+    if HAS_SOFTCAP:
+        t = _tanh(s / softcap)
+        z = softcap * t * inv_temperature
+    else:
+        z = s * inv_temperature
+    targets = tl.load(targets_ptr + rows_m)
+    lse = tl.load(lse_ptr + rows_m)
+    grad = tl.load(grad_ptr + rows_m)
+    onehot = (offs_n[None, :] == targets[:, None]).to(tl.float32)
+    ds = grad[:, None] * (onehot - tl.exp(z - lse[:, None])) * inv_temperature
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    # Wrapped (duplicate) rows and columns must add nothing.
+    ds = tl.where(row_in[:, None] & col_in[None, :], ds, 0.0)
+
+    if HAS_D_BIAS:
+        tl.atomic_add(d_bias_ptr + offs_n, tl.sum(ds, axis=0), mask=col_in)
+    if DOT_FP32:
+        ds_operand = ds
+    else:  # tensor-core operand in the input dtype; the products still accumulate in fp32
+        ds_operand = ds.to(weight_ptr.dtype.element_ty)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_offsets = offs_m[:, None].to(tl.int64) * D + offs_k[None, :]
+    weight_offsets = offs_n[:, None].to(tl.int64) * D + offs_k[None, :]
+    row_ptrs = rows_ptr + rows_m[:, None].to(tl.int64) * stride_row + offs_k[None, :]
+    weight_ptrs = weight_ptr + cols_n[:, None].to(tl.int64) * stride_weight + offs_k[None, :]
+    for k in range(0, D, BLOCK_K):
+        in_d = offs_k[None, :] < D - k
+        if HAS_D_ROWS:
+            if EVEN_D:
+                w = tl.load(weight_ptrs)
+            else:
+                w = tl.load(weight_ptrs, mask=in_d, other=0.0)
+            d_rows = _dot(ds_operand, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
+            tl.atomic_add(d_rows_ptr + row_offsets, d_rows, mask=row_in[:, None] & in_d)
+        if HAS_D_WEIGHT:
+            if EVEN_D:
+                h = tl.load(row_ptrs)
+            else:
+                h = tl.load(row_ptrs, mask=in_d, other=0.0)
+            d_weight = _dot(tl.trans(ds_operand), h, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32)
+            tl.atomic_add(d_weight_ptr + weight_offsets, d_weight, mask=col_in[:, None] & in_d)
+        row_offsets += BLOCK_K
+        weight_offsets += BLOCK_K
+        row_ptrs += BLOCK_K
+        weight_ptrs += BLOCK_K
+
+
+def linear_logprobs_backward_kernel(
+    rows, weight, targets, lse, grad, bias=None, softcap=None, temperature=1.0,
+    need_rows=True, need_weight=True, need_bias=False,
+):
+    """fp32 (d_rows, d_weight, d_bias) for per-row upstream gradients ``grad`` (M,) fp32.
+
+    A gradient that is not needed is returned as None and its work is skipped.
+    """
+    M, D = rows.shape
+    V = weight.shape[0]
+    fp32 = dict(dtype=torch.float32, device=rows.device)
+    d_rows = torch.zeros((M, D), **fp32) if need_rows else None
+    d_weight = torch.zeros((V, D), **fp32) if need_weight else None
+    d_bias = torch.zeros(V, **fp32) if need_bias else None
+    if M == 0 or not (need_rows or need_weight or need_bias):
+        return d_rows, d_weight, d_bias
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_N"]),)  # noqa: E731
+    _linear_logprobs_backward_kernel[grid](
+        rows, weight, bias, targets, lse, grad, d_rows, d_weight, d_bias,
+        M, V, D, rows.stride(0), weight.stride(0), softcap, 1.0 / temperature,
+        DOT_FP32=_dot_fp32(rows.dtype),
+    )
+    return d_rows, d_weight, d_bias

@@ -1,0 +1,193 @@
+"""Per-sequence log-probs straight from final hidden states and the LM head.
+
+``sequence_logprobs`` never materialises the (tokens, V) logits: rows are
+compacted to the scored positions (in SAMI the prompt, ~80% of the tokens, is
+never scored), the fused kernel (Triton) or the chunked PyTorch path returns
+per-row log p(target) in fp32, and a per-sequence ``index_add`` reduces them.
+The reduction runs in autograd, so each sequence may receive its own upstream
+gradient (the MI loss gives every sequence a different one).
+"""
+
+import torch
+
+from sami_fast.backend import use_triton
+from sami_fast.chunked import chunked_token_logprobs
+from sami_fast.validation import check_finite_result, check_float, check_tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+_LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """log p(target) (M,) fp32 of rows (M, D) whose targets all lie in [0, V)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, softcap, temperature):
+        from sami_fast.kernels.linear_logprobs import linear_logprobs_kernel
+
+        logp, lse = linear_logprobs_kernel(rows, weight, targets, bias, softcap, temperature)
+        ctx.save_for_backward(rows, weight, bias, targets, lse)
+        ctx.head = (softcap, temperature)
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        from sami_fast.kernels.linear_logprobs import linear_logprobs_backward_kernel
+
+        rows, weight, bias, targets, lse = ctx.saved_tensors
+        softcap, temperature = ctx.head
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        d_rows, d_weight, d_bias = linear_logprobs_backward_kernel(
+            rows, weight, targets, lse, grad_logp.float().contiguous(), bias, softcap, temperature,
+            need_rows, need_weight, need_bias,
+        )
+        return (
+            d_rows.to(rows.dtype) if need_rows else None,
+            d_weight.to(weight.dtype) if need_weight else None,
+            d_bias.to(bias.dtype) if need_bias else None,
+            None, None, None,
+        )
+
+
+def _check_positive(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+
+
+def _check_cu_seqlens(cu_seqlens, n_rows, device):
+    check_tensor("cu_seqlens", cu_seqlens, dims=(1,), dtypes=_LABEL_DTYPES)
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on {device}, got {cu_seqlens.device}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must hold B+1 >= 2 offsets, got shape {tuple(cu_seqlens.shape)}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or offsets[-1] != n_rows:
+        raise ValueError(f"cu_seqlens must start at 0 and end at N={n_rows}, got {offsets[0]} .. {offsets[-1]}")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, temperature, ignore_index):
+    packed = cu_seqlens is not None
+    check_float("hidden", hidden, dims=(2,) if packed else (3,))
+    check_float("weight", weight, dims=(2,))
+    check_tensor("labels", labels, dims=(1,) if packed else (2,), dtypes=_LABEL_DTYPES)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden, got {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} to match hidden, got {tuple(labels.shape)}")
+    for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if tensor is not None and tensor.device != hidden.device:
+            raise ValueError(f"{name} must be on {hidden.device} like hidden, got {tensor.device}")
+    if bias is not None:
+        check_float("bias", bias, dims=(1,))
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
+    if packed:
+        _check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    _check_positive("temperature", temperature)
+    _check_positive("softcap", softcap, allow_none=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _aligned_targets(labels, ignore_index, shift, cu_seqlens):
+    """(targets (N,), segment (N,), n_sequences): flat position i of ``hidden`` predicts targets[i]."""
+    device = labels.device
+    if cu_seqlens is None:
+        B, T = labels.shape
+        targets = labels.long()
+        if shift:
+            # Position t predicts label t+1; the last position predicts nothing.
+            targets = torch.full_like(targets, ignore_index)
+            targets[:, :-1] = labels[:, 1:]
+        segment = torch.arange(B, device=device).repeat_interleave(T)
+        return targets.reshape(-1), segment, B
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    targets = labels.long()
+    if shift:
+        targets = torch.full_like(targets, ignore_index)
+        same_segment = segment[1:] == segment[:-1]
+        targets[:-1] = torch.where(same_segment, labels[1:].long(), targets[:-1])
+    return targets, segment, lengths.numel()
+
+
+def sequence_logprobs(
+    hidden, weight, labels, *, ignore_index=-100, reduction="mean", shift=True,
+    bias=None, softcap=None, temperature=1.0, cu_seqlens=None, check_finite=True,
+):
+    """Log-probs of ``labels`` under the LM head ``weight`` applied to ``hidden``, per sequence.
+
+    hidden (B, T, D) final hidden states, weight (V, D), labels (B, T) token ids or
+    ``ignore_index`` where not scored. Packed input: hidden (N, D), labels (N,)
+    and ``cu_seqlens`` (B+1,) int32/int64 offsets.
+
+    Logits are ``softcap * tanh((hidden W^T + bias) / softcap) / temperature``
+    (without the tanh when ``softcap`` is None). ``shift=True``: position t
+    predicts label t+1 of its own sequence; ``shift=False``: position t predicts
+    label t.
+
+    reduction: "mean" (B,) mean over scored tokens (the SAMI score; every
+    sequence needs a scored token), "sum" (B,), or "none": per-position fp32
+    log-probs, 0 where nothing is scored, of shape (B, T-1) for padded input with
+    ``shift=True``, (B, T) without, (N,) packed. The result is fp32 whatever the
+    input dtype (bf16 inputs, fp32 accumulation). Differentiable w.r.t. hidden,
+    weight and bias; gradients have their input's dtype. ``check_finite=False``
+    skips the host sync that rejects a NaN/inf result (input checks still sync).
+    """
+    _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, temperature, ignore_index)
+    targets, segment, n_seq = _aligned_targets(labels, ignore_index, shift, cu_seqlens)
+    vocab = weight.shape[0]
+    scored_mask = targets != ignore_index
+    if bool((scored_mask & ((targets < 0) | (targets >= vocab))).any()):
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    scored = scored_mask.nonzero().squeeze(1)
+    scored_segment = segment.index_select(0, scored)
+    counts = torch.bincount(scored_segment, minlength=n_seq)
+    if reduction == "mean" and bool((counts == 0).any()):
+        empty = (counts == 0).nonzero().squeeze(1).tolist()
+        raise ValueError(f"labels score no token in sequence(s) {empty}: their mean log-prob is undefined")
+
+    # Only scored rows reach the kernel, forward and backward (index_select's
+    # backward scatters their gradient back into hidden's shape).
+    if cu_seqlens is None:
+        T = labels.shape[1]
+        rows = hidden[scored // T, scored % T].contiguous()
+    else:
+        rows = hidden.index_select(0, scored).contiguous()
+    scored_targets = targets.index_select(0, scored)
+    if use_triton(hidden, weight):
+        per_row = _LinearLogprobs.apply(
+            rows, weight.contiguous(), None if bias is None else bias.contiguous(),
+            scored_targets, softcap, float(temperature),
+        )
+    else:
+        per_row = chunked_token_logprobs(
+            rows, weight, scored_targets, bias=bias, softcap=softcap, temperature=float(temperature),
+            ignore_index=ignore_index,
+        )
+
+    if reduction == "none":
+        out = per_row.new_zeros(targets.shape[0]).index_add(0, scored, per_row)
+        if cu_seqlens is None:
+            out = out.reshape(labels.shape)
+            out = out[:, :-1] if shift else out
+    else:
+        out = per_row.new_zeros(n_seq).index_add(0, scored_segment, per_row)
+        if reduction == "mean":
+            out = out / counts.to(out.dtype)
+    if check_finite:
+        check_finite_result("sequence_logprobs", out)
+    return out

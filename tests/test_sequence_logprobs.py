@@ -1,0 +1,237 @@
+"""sami_fast.sequence_logprobs against the float64 reference, on both backends.
+
+Shapes are small (the Triton backend runs in the interpreter) but odd: D is not a
+power of two and V is not a multiple of the kernel's vocabulary block.
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sami_fast import reference, sequence_logprobs
+
+IGNORE = -100
+
+
+def make_inputs(B, T, D, V, *, ignored=0.2, dtype=torch.float64, scale=0.3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=gen, dtype=dtype)
+    weight = torch.randn(V, D, generator=gen, dtype=dtype) * scale
+    bias = torch.randn(V, generator=gen, dtype=dtype)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[torch.rand(B, T, generator=gen) < ignored] = IGNORE
+    labels[:, :2] = torch.randint(0, V, (B, 2), generator=gen)  # every sequence scores a token
+    return hidden, weight, bias, labels
+
+
+def evaluate(fn, hidden, weight, bias, labels, upstream, dtype, **kw):
+    """(output, d_hidden, d_weight, d_bias) in float64 for ``sum(upstream * fn(...))``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight, bias)]
+    h, w, b = leaves
+    out = fn(h, w, labels, bias=b if kw.pop("use_bias", True) else None, **kw)
+    (out.double() * upstream).sum().backward()
+    grads = [t.grad.double() if t.grad is not None else torch.zeros_like(t, dtype=torch.float64) for t in leaves]
+    return [out.detach().double()] + grads
+
+
+def assert_fp32_close(ours, ref):
+    for name, a, r in zip(("value", "d_hidden", "d_weight", "d_bias"), ours, ref):
+        scale = r.abs().max().item()
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5 * max(scale, 1e-6), msg=lambda m: f"{name}: {m}")
+
+
+def upstream_for(out_shape, seed=1):
+    return torch.randn(out_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def check_fp32(backend_inputs, **kw):
+    hidden, weight, bias, labels = backend_inputs
+    ref_out = reference.sequence_logprobs(hidden, weight, labels, bias=bias if kw.get("use_bias", True) else None,
+                                          **{k: v for k, v in kw.items() if k != "use_bias"})
+    upstream = upstream_for(ref_out.shape)
+    ref = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64, **kw)
+    ours = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float32, **kw)
+    assert ours[0].shape == ref[0].shape
+    assert_fp32_close(ours, ref)
+
+
+def test_issue_shape_all_features(backend):
+    """B=3, T=47, D=123, V=1001, 20% ignored, softcap, temperature, bias, per-sequence gradients."""
+    check_fp32(make_inputs(3, 47, 123, 1001), softcap=4.0, temperature=0.7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shift", [True, False])
+def test_reductions_and_shift(backend, reduction, shift):
+    check_fp32(make_inputs(2, 13, 40, 300, seed=3), reduction=reduction, shift=shift)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 3), T=st.integers(3, 12), D=st.integers(1, 70), V=st.integers(2, 300),
+    ignored=st.sampled_from([0.0, 0.2, 0.6]), reduction=st.sampled_from(["mean", "sum", "none"]),
+    shift=st.booleans(), softcap=st.sampled_from([None, 1.5, 30.0]), temperature=st.sampled_from([1.0, 0.5, 2.0]),
+    use_bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random_configurations(backend, B, T, D, V, ignored, reduction, shift, softcap, temperature, use_bias, seed):
+    check_fp32(make_inputs(B, T, D, V, ignored=ignored, seed=seed), reduction=reduction, shift=shift,
+               softcap=softcap, temperature=temperature, use_bias=use_bias)
+
+
+@pytest.mark.parametrize("shape", [(2, 40, 128, 256), (2, 9, 1, 3)], ids=["block_multiples", "tiny"])
+def test_edge_sizes(backend, shape):
+    """D, V exact multiples of the kernel blocks (unmasked EVEN_D path); D=1 and V=3 (an empty vocabulary split)."""
+    check_fp32(make_inputs(*shape, seed=5), softcap=2.0)
+
+
+def test_peaked_softmax(backend):
+    """Weight rows equal to scaled hidden rows: softmax is near one-hot, p -> 1 for the target."""
+    hidden, weight, bias, labels = make_inputs(2, 17, 48, 211, seed=7)
+    labels = torch.randperm(211, generator=torch.Generator().manual_seed(8))[:34].reshape(2, 17)
+    # Row t predicts labels[t+1]: make weight[labels[t+1]] a large multiple of hidden[t].
+    for b in range(2):
+        for t in range(16):
+            weight[labels[b, t + 1]] = 3.0 * hidden[b, t] / hidden[b, t].norm() * 4.0
+    ref = reference.sequence_logprobs(hidden, weight, labels)
+    assert (ref > -1e-2).all(), "setup: the target should dominate the softmax"
+    check_fp32((hidden, weight, bias, labels), use_bias=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_torch_error(backend, dtype):
+    """|ours - fp64| <= |torch in the same dtype - fp64| + one rounding of the output dtype."""
+    hidden, weight, bias, labels = make_inputs(3, 29, 75, 517, seed=11)
+    kw = dict(softcap=5.0, temperature=0.7)
+    upstream = upstream_for(3)
+    exact = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64, **kw)
+    torch_same = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, dtype, **kw)
+    ours = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, dtype, **kw)
+    eps = torch.finfo(dtype).eps
+    for name, a, t, r in zip(("value", "d_hidden", "d_weight", "d_bias"), ours, torch_same, exact):
+        excess = (a - r).abs() - (t - r).abs()
+        tol = eps * r.abs().max().item()
+        assert excess.max().item() <= tol, f"{name}: error exceeds torch {dtype} by {excess.max().item()} > {tol}"
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_packed_matches_padded(backend, shift):
+    lengths = [9, 4, 13]
+    D, V = 33, 150
+    hidden, weight, bias, labels = make_inputs(3, 13, D, V, seed=13)
+    upstream = upstream_for(3)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    packed_h = torch.cat([hidden[i, :n] for i, n in enumerate(lengths)])
+    packed_l = torch.cat([labels[i, :n] for i, n in enumerate(lengths)])
+    padded_l = labels.clone()
+    for i, n in enumerate(lengths):
+        padded_l[i, n:] = IGNORE
+    for reduction in ("mean", "sum"):
+        padded = evaluate(sequence_logprobs, hidden, weight, bias, padded_l, upstream, torch.float32,
+                          reduction=reduction, shift=shift)
+        packed = evaluate(sequence_logprobs, packed_h, weight, bias, packed_l, upstream, torch.float32,
+                          reduction=reduction, shift=shift, cu_seqlens=cu)
+        torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-5)
+        d_hidden_padded = torch.cat([padded[1][i, :n] for i, n in enumerate(lengths)])
+        torch.testing.assert_close(packed[1], d_hidden_padded, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(packed[2], padded[2], rtol=1e-5, atol=1e-6)
+    ref = reference.sequence_logprobs(packed_h, weight, packed_l, bias=bias, shift=shift, cu_seqlens=cu,
+                                      reduction="none")
+    ours = sequence_logprobs(packed_h.float(), weight.float(), packed_l, bias=bias.float(), shift=shift,
+                             cu_seqlens=cu.long(), reduction="none")
+    assert ours.shape == ref.shape == (sum(lengths),)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weight_and_noncontiguous_inputs(backend):
+    """Only the gradients asked for; strided views give the same numbers as contiguous copies."""
+    hidden, weight, bias, labels = make_inputs(2, 11, 37, 120, seed=17)
+    h_big = torch.randn(2, 11, 2 * 37, dtype=torch.float32)[:, :, ::2]
+    h_big.copy_(hidden)
+    w_t = weight.float().t().contiguous().t()  # (V, D) with stride (1, V)
+    h_view = h_big.detach().requires_grad_()
+    ours = sequence_logprobs(h_view, w_t, labels.int())
+    ours.sum().backward()
+    h = hidden.detach().requires_grad_()
+    ref = reference.sequence_logprobs(h, weight, labels)
+    ref.sum().backward()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_view.grad.double(), h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_without_scored_token(backend):
+    hidden, weight, bias, labels = make_inputs(2, 6, 16, 50, seed=19)
+    labels[1] = IGNORE
+    with pytest.raises(ValueError, match="sequence"):
+        sequence_logprobs(hidden.float(), weight.float(), labels)
+    total = sequence_logprobs(hidden.float(), weight.float(), labels, reduction="sum")
+    assert total[1].item() == 0.0
+    labels[:] = IGNORE
+    none = sequence_logprobs(hidden.float(), weight.float(), labels, reduction="none")
+    assert none.shape == (2, 5) and not none.any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN
+def test_nan_input_raises_unless_unchecked(backend):
+    hidden, weight, bias, labels = make_inputs(2, 6, 16, 50, seed=23)
+    hidden = hidden.float()
+    hidden[0, 0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match="sequence_logprobs"):
+        sequence_logprobs(hidden, weight.float(), labels)
+    assert torch.isnan(sequence_logprobs(hidden, weight.float(), labels, check_finite=False)[0])
+
+
+def _bad_inputs():
+    h, w, b, lab = make_inputs(2, 6, 16, 50, dtype=torch.float32, seed=29)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    ph, pl = h.reshape(12, 16), lab.reshape(12)
+    bad_label = lab.clone()
+    bad_label[0, 3] = 50
+    negative = lab.clone()
+    negative[1, 2] = -1
+    return [
+        ("hidden", TypeError, lambda: sequence_logprobs(h.numpy(), w, lab)),
+        ("hidden", ValueError, lambda: sequence_logprobs(ph, w, lab)),
+        ("hidden", TypeError, lambda: sequence_logprobs(h.long(), w, lab)),
+        ("weight dtype", TypeError, lambda: sequence_logprobs(h, w.double(), lab)),
+        ("weight must have shape", ValueError, lambda: sequence_logprobs(h, w[:, :15], lab)),
+        ("labels", TypeError, lambda: sequence_logprobs(h, w, lab.float())),
+        ("labels must have shape", ValueError, lambda: sequence_logprobs(h, w, lab[:, :5])),
+        ("labels must lie", ValueError, lambda: sequence_logprobs(h, w, bad_label)),
+        ("labels must lie", ValueError, lambda: sequence_logprobs(h, w, negative)),
+        ("bias must have shape", ValueError, lambda: sequence_logprobs(h, w, lab, bias=b[:49])),
+        ("bias dtype", TypeError, lambda: sequence_logprobs(h, w, lab, bias=b.double())),
+        ("reduction", ValueError, lambda: sequence_logprobs(h, w, lab, reduction="avg")),
+        ("temperature", ValueError, lambda: sequence_logprobs(h, w, lab, temperature=0.0)),
+        ("temperature", ValueError, lambda: sequence_logprobs(h, w, lab, temperature=-1.0)),
+        ("softcap", ValueError, lambda: sequence_logprobs(h, w, lab, softcap=0.0)),
+        ("softcap", TypeError, lambda: sequence_logprobs(h, w, lab, softcap="30")),
+        ("ignore_index", TypeError, lambda: sequence_logprobs(h, w, lab, ignore_index=-100.0)),
+        ("cu_seqlens", TypeError, lambda: sequence_logprobs(ph, w, pl, cu_seqlens=cu.float())),
+        ("cu_seqlens must start at 0", ValueError,
+         lambda: sequence_logprobs(ph, w, pl, cu_seqlens=torch.tensor([1, 5, 12]))),
+        ("end at N", ValueError, lambda: sequence_logprobs(ph, w, pl, cu_seqlens=torch.tensor([0, 5, 11]))),
+        ("non-decreasing", ValueError, lambda: sequence_logprobs(ph, w, pl, cu_seqlens=torch.tensor([0, 7, 5, 12]))),
+        ("cu_seqlens must hold", ValueError, lambda: sequence_logprobs(ph, w, pl, cu_seqlens=torch.tensor([0]))),
+        ("hidden", ValueError, lambda: sequence_logprobs(h, w, lab, cu_seqlens=cu)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_inputs())))
+def test_bad_input_raises(backend, case):
+    match, error, call = _bad_inputs()[case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_gpu_check_script_dry_run(backend):
+    """benchmarks/gpu_check.py: its checks run end to end at tiny shapes on the CPU (the GPU run itself is not testable here)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--cpu-dry-run"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("PASS") >= 20 and "FAIL" not in done.stdout
