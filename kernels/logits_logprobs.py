@@ -1,0 +1,110 @@
+"""Per-row log-probs of targets under materialised logits, and their gradient.
+
+For logits rows z_i (N, V) and targets t_i:
+
+    lse_i = log Σ_v exp(z_iv)        out_i = z_i[t_i] - lse_i        (both 0 where t_i == ignore_index)
+
+The forward streams V in blocks with an online log-sum-exp in fp32 (one read of the
+logits, no fp32 copy); the backward writes, with upstream gradient g_i,
+
+    dz_iv = g_i · ([v == t_i] - exp(z_iv - lse_i))                 (0 on ignored rows)
+
+straight into a tensor of the logits' dtype. One program per row.
+"""
+
+import triton
+import triton.language as tl
+
+from sami_fast.backend import triton_interpreted
+
+# Blocks of V per loop iteration; the interpreter is charged per iteration, not per element.
+MAX_BLOCK_V = 4096
+
+
+@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+@triton.jit
+def _logits_logprobs_forward_kernel(
+    logits_ptr, targets_ptr, lse_ptr, out_ptr,
+    stride_row, V, ignore_index,
+    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    if target == ignore_index:
+        tl.store(lse_ptr + row, 0.0)
+        tl.store(out_ptr + row, 0.0)
+        return
+    running_max = -float("inf")
+    running_sum = 0.0
+    for start in range(0, V, BLOCK_V):
+        offsets = start + tl.arange(0, BLOCK_V)
+        if EVEN_V:
+            z = tl.load(row_ptr + offsets).to(tl.float32)
+        else:
+            z = tl.load(row_ptr + offsets, mask=offsets < V, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(running_sum)
+    tl.store(lse_ptr + row, lse)
+    tl.store(out_ptr + row, tl.load(row_ptr + target).to(tl.float32) - lse)
+
+
+@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+@triton.jit
+def _logits_logprobs_backward_kernel(
+    logits_ptr, targets_ptr, lse_ptr, grad_out_ptr, grad_logits_ptr,
+    stride_row, stride_grad_row, V, ignore_index,
+    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    grad_row_ptr = grad_logits_ptr + row * stride_grad_row
+    target = tl.load(targets_ptr + row)
+    if target == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            offsets = start + tl.arange(0, BLOCK_V)
+            zeros = tl.zeros((BLOCK_V,), dtype=grad_logits_ptr.dtype.element_ty)
+            if EVEN_V:
+                tl.store(grad_row_ptr + offsets, zeros)
+            else:
+                tl.store(grad_row_ptr + offsets, zeros, mask=offsets < V)
+        return
+    lse = tl.load(lse_ptr + row)
+    grad = tl.load(grad_out_ptr + row).to(tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offsets = start + tl.arange(0, BLOCK_V)
+        if EVEN_V:
+            z = tl.load(row_ptr + offsets).to(tl.float32)
+        else:
+            z = tl.load(row_ptr + offsets, mask=offsets < V, other=0.0).to(tl.float32)
+        dz = grad * (tl.where(offsets == target, 1.0, 0.0) - tl.exp(z - lse))
+        if EVEN_V:
+            tl.store(grad_row_ptr + offsets, dz.to(grad_logits_ptr.dtype.element_ty))
+        else:
+            tl.store(grad_row_ptr + offsets, dz.to(grad_logits_ptr.dtype.element_ty), mask=offsets < V)
+
+
+def _launch_config(V, block_v):
+    block_v = block_v or min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    return block_v, (1 if triton_interpreted() else min(16, max(1, block_v // 512)))
+
+
+def logits_logprobs_forward_kernel(logits, targets, lse, out, ignore_index, block_v=None):
+    """Fill ``lse`` and ``out`` (N,) fp32 from ``logits`` (N, V, unit stride along V) and ``targets`` (N,)."""
+    N, V = logits.shape
+    BLOCK_V, num_warps = _launch_config(V, block_v)
+    _logits_logprobs_forward_kernel[(N,)](
+        logits, targets, lse, out, logits.stride(0), V, ignore_index, BLOCK_V=BLOCK_V, num_warps=num_warps,
+    )
+
+
+def logits_logprobs_backward_kernel(logits, targets, lse, grad_out, grad_logits, ignore_index, block_v=None):
+    """Write ``grad_logits`` (N, V), every entry, given the upstream gradient ``grad_out`` (N,)."""
+    N, V = logits.shape
+    BLOCK_V, num_warps = _launch_config(V, block_v)
+    _logits_logprobs_backward_kernel[(N,)](
+        logits, targets, lse, grad_out, grad_logits, logits.stride(0), grad_logits.stride(0), V, ignore_index,
+        BLOCK_V=BLOCK_V, num_warps=num_warps,
+    )

@@ -1,0 +1,226 @@
+"""Memory-lean per-row log-probs in plain PyTorch: the torch backend of the LM-head losses.
+
+For aligned rows x_i (N, D), an LM head W (V, D), optional bias b (V,) and targets t_i:
+
+    u_i = x_i Wᵀ + b
+    z_i = softcap · tanh(u_i / softcap) / temperature        (without softcap: u_i / temperature)
+    out_i = z_i[t_i] - logsumexp(z_i)                         (0 where t_i == ignore_index)
+
+exactly ``sami_fast.reference.token_logprobs``, without ever holding the (N, V) logits.
+Only rows with a scored target are processed (in SAMI most rows are prompt), in
+chunks of ``chunk_rows``; the forward keeps the per-row log-sum-exp (fp32) and the
+backward recomputes each chunk's logits. With upstream gradient g_i and
+p_i = softmax(z_i):
+
+    dz_i = g_i · (onehot(t_i) - p_i)
+    du_i = dz_i · (1 - tanh²(u_i / softcap)) / temperature  (without softcap: dz_i / temperature)
+    dx_i = du_i W,   dW = Σ_i du_iᵀ x_i,   db = Σ_i du_i
+
+Extra memory is O(chunk_rows · V). The in-place chunk helpers below are shared with
+the torch path of ``sami_fast.get_batch_logprobs``.
+"""
+
+import torch
+
+from sami_fast.validation import check_float, check_tensor
+
+# A chunk of logits holds about this many fp32 elements: 64 MiB, large enough that
+# the rank-chunk update of dW is compute-bound rather than bound by streaming dW.
+CHUNK_ELEMENTS = 2**24
+# Held logits need no matmul: chunks of 4 MiB (fp32) stay in cache across their passes.
+LOGITS_CHUNK_ELEMENTS = 2**20
+
+
+def default_chunk_rows(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // vocab_size)
+
+
+def logsumexp_and_pick_(z: torch.Tensor, targets: torch.Tensor):
+    """(logsumexp(z, 1), z[i, targets[i]]) of an fp32 chunk; overwrites ``z`` (no temporaries)."""
+    picked = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    top = z.amax(dim=1, keepdim=True)
+    lse = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+    return lse, picked
+
+
+def onehot_minus_softmax_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor):
+    """In place, ``z <- scale[:, None] * (onehot(targets) - softmax(z))`` given its row ``lse``."""
+    z.sub_(lse.unsqueeze(1)).exp_().neg_()
+    rows = torch.arange(z.shape[0], device=z.device)
+    z.index_put_((rows, targets), torch.ones((), dtype=z.dtype, device=z.device), accumulate=True)
+    return z.mul_(scale.unsqueeze(1))
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, weight, targets, bias, softcap, temperature, ignore_index, chunk_rows):
+        scored = (targets != ignore_index).nonzero().squeeze(1)
+        all_scored = scored.numel() == targets.numel()
+        x = rows if all_scored else rows.index_select(0, scored)
+        t = targets if all_scored else targets.index_select(0, scored)
+        chunk_rows = min(chunk_rows, max(1, x.shape[0]))
+        head = _Head(weight, bias, softcap, temperature, chunk_rows)
+        lse = torch.empty(x.shape[0], dtype=head.z.dtype, device=rows.device)
+        picked = torch.empty_like(lse)
+        for start in range(0, x.shape[0], chunk_rows):
+            end = min(start + chunk_rows, x.shape[0])
+            z, _ = head.logits(x[start:end])
+            lse[start:end], picked[start:end] = logsumexp_and_pick_(z, t[start:end])
+        out = torch.zeros(targets.shape[0], dtype=lse.dtype, device=rows.device)
+        out.index_copy_(0, scored, picked - lse)
+        ctx.save_for_backward(rows, weight, bias, targets, scored, lse)
+        ctx.setup = (softcap, temperature, chunk_rows, all_scored)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, weight, bias, targets, scored, lse = ctx.saved_tensors
+        softcap, temperature, chunk_rows, all_scored = ctx.setup
+        need_rows, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+        x = rows if all_scored else rows.index_select(0, scored)
+        t = targets if all_scored else targets.index_select(0, scored)
+        head = _Head(weight, bias, softcap, temperature, chunk_rows)
+        g = grad_out.to(lse.dtype)
+        g = g if all_scored else g.index_select(0, scored)
+        d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_rows else None
+        d_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
+        d_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
+        for start in range(0, x.shape[0], chunk_rows):
+            end = min(start + chunk_rows, x.shape[0])
+            z, tanh = head.logits(x[start:end])
+            du = onehot_minus_softmax_(z, t[start:end], lse[start:end], g[start:end] / temperature)
+            if tanh is not None:
+                du.mul_(tanh.square_().neg_().add_(1.0))
+            if need_rows:
+                torch.mm(head.low(du), weight, out=d_x[start:end])
+            if need_weight:
+                d_weight.addmm_(du.t(), x[start:end].to(du.dtype))
+            if need_bias:
+                d_bias.add_(du.sum(dim=0))
+        d_rows = None
+        if need_rows:
+            d_rows = d_x if all_scored else torch.zeros_like(rows).index_copy_(0, scored, d_x)
+        d_weight = d_weight.to(weight.dtype) if need_weight else None
+        d_bias = d_bias.to(bias.dtype) if need_bias else None
+        return d_rows, d_weight, None, d_bias, None, None, None, None
+
+
+class _Head:
+    """Recomputes chunks of logits z into buffers reused across chunks.
+
+    z is fp32 (fp64 for fp64 inputs). The matmul runs in the input dtype (as the
+    same-dtype reference does, and without an fp32 copy of W); bias, softcap and
+    temperature are applied in z's dtype.
+    """
+
+    def __init__(self, weight, bias, softcap, temperature, chunk_rows):
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        self.weight = weight
+        self.bias = None if bias is None else bias.to(dtype)
+        self.softcap, self.temperature = softcap, temperature
+        shape = (chunk_rows, weight.shape[0])
+        self.z = torch.empty(shape, dtype=dtype, device=weight.device)
+        self.tanh = torch.empty_like(self.z) if softcap is not None else None
+        self.product = None
+        if weight.dtype != dtype:
+            self.product = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+
+    def logits(self, x):
+        """(z, tanh(u / softcap) or None) of the rows ``x``; both are views of the buffers."""
+        n = x.shape[0]
+        z = self.z[:n]
+        if self.product is None:
+            torch.mm(x, self.weight.t(), out=z)
+        else:
+            z.copy_(torch.mm(x, self.weight.t(), out=self.product[:n]))
+        if self.bias is not None:
+            z.add_(self.bias)
+        if self.softcap is None:
+            return (z.div_(self.temperature) if self.temperature != 1.0 else z), None
+        tanh = self.tanh[:n]
+        torch.tanh(z.div_(self.softcap), out=tanh)
+        return torch.mul(tanh, self.softcap / self.temperature, out=z), tanh
+
+    def low(self, du):
+        """``du`` in the weight dtype, for the matmul with W."""
+        if self.product is None:
+            return du
+        return self.product[: du.shape[0]].copy_(du)
+
+
+def chunked_token_logprobs(
+    rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, ignore_index=-100, chunk_rows=None,
+):
+    """Per-row log p(target) (N,) in fp32 (fp64 for fp64 inputs), 0 where ``targets == ignore_index``;
+    differentiable w.r.t. ``rows``, ``weight`` and ``bias`` for any per-row upstream gradient.
+
+    rows (N, D) and weight (V, D) share a float dtype; targets (N,) int64 is aligned
+    (row i predicts targets[i]); bias (V,). See the module docstring for the math.
+    """
+    check_float("rows", rows, dims=(2,))
+    check_float("weight", weight, dims=(2,))
+    check_tensor("targets", targets, dims=(1,), dtypes=(torch.int64,))
+    if weight.dtype != rows.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match rows dtype {rows.dtype}")
+    if weight.shape[1] != rows.shape[1]:
+        raise ValueError(f"weight must have shape (V, {rows.shape[1]}) to match rows, got {tuple(weight.shape)}")
+    if targets.shape[0] != rows.shape[0]:
+        raise ValueError(f"targets must have shape ({rows.shape[0]},) to match rows, got {tuple(targets.shape)}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        check_float("bias", bias, dims=(1,))
+        if bias.shape[0] != vocab:
+            raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(vocab)
+    elif not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(out_of_range.any()):
+        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    return _ChunkedTokenLogprobs.apply(
+        rows, weight, targets, bias, softcap, float(temperature), ignore_index, chunk_rows
+    )
+
+
+def logits_logprobs_forward(logits, targets, lse, out, ignore_index, chunk_rows=None):
+    """Torch twin of ``kernels.logits_logprobs.logits_logprobs_forward_kernel``: fill ``lse``
+    and ``out`` (N,) fp32 from held ``logits`` (N, V), a chunk of scored rows at a time in fp32."""
+    scored = (targets != ignore_index).nonzero().squeeze(1)
+    lse.zero_()
+    out.zero_()
+    for index, z in _scored_chunks(logits, scored, chunk_rows):
+        chunk_lse, picked = logsumexp_and_pick_(z, targets.index_select(0, index))
+        lse.index_copy_(0, index, chunk_lse)
+        out.index_copy_(0, index, picked - chunk_lse)
+
+
+def logits_logprobs_backward(logits, targets, lse, grad_out, grad_logits, ignore_index, chunk_rows=None):
+    """Torch twin of ``kernels.logits_logprobs.logits_logprobs_backward_kernel``: write every
+    entry of ``grad_logits`` (N, V), ``g_i · (onehot(t_i) - softmax(z_i))``, 0 on ignored rows."""
+    scored = (targets != ignore_index).nonzero().squeeze(1)
+    grad_logits.zero_()
+    for index, z in _scored_chunks(logits, scored, chunk_rows):
+        du = onehot_minus_softmax_(z, targets.index_select(0, index), lse.index_select(0, index),
+                                   grad_out.index_select(0, index).float())
+        grad_logits.index_copy_(0, index, du.to(grad_logits.dtype))
+
+
+def _scored_chunks(logits, scored, chunk_rows):
+    """(row indices, their logits in fp32) for chunks of the ``scored`` rows, in one reused buffer."""
+    chunk_rows = chunk_rows or default_chunk_rows(logits.shape[1], LOGITS_CHUNK_ELEMENTS)
+    chunk_rows = min(chunk_rows, max(1, scored.numel()))
+    buffer = torch.empty((chunk_rows, logits.shape[1]), dtype=torch.float32, device=logits.device)
+    for start in range(0, scored.numel(), chunk_rows):
+        index = scored[start:start + chunk_rows]
+        z = buffer[: index.numel()]
+        if logits.dtype == torch.float32:
+            torch.index_select(logits, 0, index, out=z)
+        else:
+            z.copy_(logits.index_select(0, index))
+        yield index, z

@@ -1,0 +1,137 @@
+"""``get_batch_logprobs`` (both backends) and its logits kernel against the float64 reference."""
+
+import pytest
+import torch
+
+from sami_fast import chunked, reference
+from sami_fast.batch_logprobs import get_batch_logprobs
+from sami_fast.kernels.logits_logprobs import logits_logprobs_backward_kernel, logits_logprobs_forward_kernel
+
+IGNORE = -100
+
+
+def make_case(B=3, T=7, V=1001, scale=3.0, seed=0):
+    """fp64 logits, labels with ignored positions (a prompt prefix, a hole, a padded tail), upstream grad."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64) * scale
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[0, : T // 2] = IGNORE
+    labels[-1, T // 2] = IGNORE
+    if B > 1:
+        labels[-1, -1] = IGNORE
+    grad = torch.randn(B, generator=gen, dtype=torch.float64)
+    return logits, labels, grad
+
+
+def value_and_grad(fn, logits, labels, grad, dtype):
+    x = logits.detach().to(dtype).requires_grad_()
+    out = fn(x, labels)
+    (d_logits,) = torch.autograd.grad(out, x, grad.to(out.dtype))
+    return out, d_logits
+
+
+@pytest.mark.parametrize("V", [1001, 1024])
+def test_fp32_matches_fp64_reference(backend, V):
+    logits, labels, grad = make_case(V=V)
+    expected, expected_grad = value_and_grad(reference.get_batch_logprobs, logits, labels, grad, torch.float64)
+    out, d_logits = value_and_grad(get_batch_logprobs, logits, labels, grad, torch.float32)
+    assert out.dtype == torch.float32 and d_logits.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_logits.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_torch_same_dtype(backend, dtype):
+    logits, labels, grad = make_case(scale=4.0)
+    exact = value_and_grad(reference.get_batch_logprobs, logits, labels, grad, torch.float64)
+    same_dtype = value_and_grad(reference.get_batch_logprobs, logits, labels, grad, dtype)
+    actual = value_and_grad(get_batch_logprobs, logits, labels, grad, dtype)
+    tol = 2 * torch.finfo(dtype).eps
+    for name, a, s, e in zip(("out", "d_logits"), actual, same_dtype, exact):
+        assert a.dtype == dtype
+        scale = e.abs().max().item()
+        excess = (a.double() - e).abs() - (s.double() - e).abs() - tol * scale
+        assert excess.max().item() <= 0, f"{name}: exceeds torch-{dtype} error by {excess.max().item():.3g}"
+
+
+def test_peaked_logits_and_strided_input(backend):
+    # Logits in the thousands (exp overflows without the running max), read through a
+    # strided view of a wider buffer: rows are not contiguous with each other.
+    logits, labels, grad = make_case(B=2, T=5, V=300, scale=2000.0)
+    wide = torch.zeros(2, 5, 320, dtype=torch.float32)
+    wide[..., :300] = logits.float()
+    view = wide[..., :300].requires_grad_()
+    out = get_batch_logprobs(view, labels)
+    (d_logits,) = torch.autograd.grad(out, view, grad.float())
+    expected, expected_grad = value_and_grad(reference.get_batch_logprobs, logits.float().double(), labels, grad,
+                                             torch.float64)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(d_logits.double(), expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("V, block_v", [(1001, 128), (1024, 256)])
+def test_kernel_streams_vocab_blocks_like_torch_twin(V, block_v):
+    # Several V blocks per row (online log-sum-exp), with and without a ragged last block.
+    N = 6
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(N, V, generator=gen) * 5).to(torch.bfloat16)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[2] = IGNORE
+    grad_out = torch.randn(N, generator=gen)
+    results = []
+    for forward, backward, kw in (
+        (logits_logprobs_forward_kernel, logits_logprobs_backward_kernel, dict(block_v=block_v)),
+        (chunked.logits_logprobs_forward, chunked.logits_logprobs_backward, dict(chunk_rows=2)),
+    ):
+        lse, out = torch.full((N,), 7.0), torch.full((N,), 7.0)
+        forward(logits, targets, lse, out, IGNORE, **kw)
+        grad_logits = torch.full_like(logits, 7.0)
+        backward(logits, targets, lse, grad_out, grad_logits, IGNORE, **kw)
+        results.append((lse, out, grad_logits.float()))
+    z = logits.double()
+    expected_lse = torch.logsumexp(z, dim=1).masked_fill(targets == IGNORE, 0.0)
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0), V)
+    expected_grad = grad_out.double()[:, None] * (onehot - z.softmax(1))
+    expected_grad[targets == IGNORE] = 0
+    for lse, out, grad_logits in results:
+        torch.testing.assert_close(lse.double(), expected_lse, rtol=1e-6, atol=1e-5)
+        assert out[2] == 0
+        torch.testing.assert_close(grad_logits.double(), expected_grad, rtol=1e-2, atol=2e-3)
+
+
+def test_single_sequence_small_vocab(backend):
+    logits, labels, grad = make_case(B=1, T=6, V=37)
+    expected, expected_grad = value_and_grad(reference.get_batch_logprobs, logits, labels, grad, torch.float64)
+    out, d_logits = value_and_grad(get_batch_logprobs, logits, labels, grad, torch.float32)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_logits.double(), expected_grad, rtol=1e-5, atol=1e-7)
+    # Positions predicting an ignored label, and the last position, get no gradient.
+    assert (d_logits[0, :3] == 0).all() and (d_logits[0, -1] == 0).all() and (d_logits[0, 3:5] != 0).all()
+
+
+@pytest.mark.parametrize(
+    "logits, labels, error, match",
+    [
+        (torch.randn(2, 4, 9), torch.tensor([[0, 1, 2, 3], [5, IGNORE, IGNORE, IGNORE]]), ValueError, "labels"),
+        (torch.randn(2, 4, 9), torch.tensor([[0, 1, 2, 9], [5, 1, 2, 3]]), ValueError, "labels"),
+        (torch.randn(2, 4, 9), torch.tensor([[0, 1, -3, 3], [5, 1, 2, 3]]), ValueError, "labels"),
+        (torch.randn(2, 4, 9), torch.tensor([[0, 1, 2], [5, 1, 2]]), ValueError, "labels"),
+        (torch.randn(2, 4, 9), torch.zeros(2, 4), TypeError, "labels"),
+        (torch.randn(8, 9), torch.zeros(8, dtype=torch.int64), ValueError, "logits"),
+        (torch.randint(0, 5, (2, 4, 9)), torch.zeros(2, 4, dtype=torch.int64), TypeError, "logits"),
+        ([[[0.0]]], torch.zeros(1, 1, dtype=torch.int64), TypeError, "logits"),
+    ],
+)
+def test_bad_input_raises(backend, logits, labels, error, match):
+    with pytest.raises(error, match=match):
+        get_batch_logprobs(logits, labels)
+
+
+def test_nan_result_raises_unless_unchecked(backend):
+    logits, labels, _ = make_case(B=2, T=4, V=50)
+    logits = logits.float()
+    logits[1, 0, 7] = float("nan")  # position 0 predicts the scored labels[1, 1]
+    with pytest.raises(FloatingPointError, match="get_batch_logprobs"):
+        get_batch_logprobs(logits, labels)
+    out = get_batch_logprobs(logits, labels, check_finite=False)
+    assert torch.isnan(out[1]) and torch.isfinite(out[0])

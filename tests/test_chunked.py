@@ -1,0 +1,174 @@
+"""The memory-lean torch path ``chunked_token_logprobs`` against the float64 reference."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from sami_fast.chunked import chunked_token_logprobs
+from sami_fast.reference import token_logprobs
+
+IGNORE = -100
+
+
+def make_case(N, D, V, dtype=torch.float32, *, bias=True, ignored=0.3, scale=1.0, seed=0):
+    """fp64 leaves (rows, weight, bias), targets with some ignored rows, upstream gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, D, generator=gen, dtype=torch.float64) * (scale / D**0.5)
+    b = torch.randn(V, generator=gen, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[torch.rand(N, generator=gen) < ignored] = IGNORE
+    grad = torch.randn(N, generator=gen, dtype=torch.float64)
+    return rows, weight, b, targets, grad
+
+
+def value_and_grads(fn, rows, weight, bias, targets, grad, dtype, **kw):
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (rows, weight, bias)]
+    out = fn(leaves[0], leaves[1], targets, bias=leaves[2], **kw)
+    wrt = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, wrt, grad.to(out.dtype))
+    return [out.detach().double()] + [g.double() for g in grads]
+
+
+def reference(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0):
+    return token_logprobs(rows, weight, targets, IGNORE, bias, softcap, temperature)
+
+
+def ours(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
+    return chunked_token_logprobs(
+        rows, weight, targets, bias=bias, softcap=softcap, temperature=temperature, chunk_rows=chunk_rows
+    )
+
+
+def assert_rel_close(actual, expected, rel):
+    """Elementwise within ``rel`` of the tensor's scale (max |expected|, at least 1)."""
+    bound = rel * max(1.0, expected.abs().max().item())
+    err = (actual - expected).abs().max().item()
+    assert err <= bound, f"max error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 16, None])
+@pytest.mark.parametrize("softcap, temperature", [(None, 1.0), (None, 0.7), (4.0, 1.0), (2.5, 1.3)])
+def test_fp32_matches_fp64_reference(chunk_rows, softcap, temperature):
+    # Odd shapes: D=123 and V=1001 are not powers of two, 7 does not divide N=37.
+    case = make_case(37, 123, 1001, scale=4.0)
+    expected = value_and_grads(reference, *case, torch.float64, softcap=softcap, temperature=temperature)
+    actual = value_and_grads(ours, *case, torch.float32, softcap=softcap, temperature=temperature,
+                             chunk_rows=chunk_rows)
+    for a, e in zip(actual, expected):
+        assert_rel_close(a, e, 1e-5)
+
+
+def test_output_is_fp32_and_zero_on_ignored_rows():
+    rows, weight, bias, targets, _ = make_case(11, 9, 50, ignored=0.5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = chunked_token_logprobs(rows.to(dtype), weight.to(dtype), targets, bias=bias.to(dtype))
+        assert out.dtype == torch.float32 and out.shape == (11,)
+        assert (out[targets == IGNORE] == 0).all() and (out[targets != IGNORE] < 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    N=st.integers(1, 40), D=st.integers(1, 33), V=st.integers(2, 300), chunk_rows=st.integers(1, 50),
+    ignored=st.sampled_from([0.0, 0.5, 0.9]), bias=st.booleans(),
+    softcap=st.sampled_from([None, 1.5, 20.0]), temperature=st.floats(0.3, 3.0), seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_reference(N, D, V, chunk_rows, ignored, bias, softcap, temperature, seed):
+    case = make_case(N, D, V, bias=bias, ignored=ignored, scale=3.0, seed=seed)
+    expected = value_and_grads(reference, *case, torch.float64, softcap=softcap, temperature=temperature)
+    actual = value_and_grads(ours, *case, torch.float32, softcap=softcap, temperature=temperature,
+                             chunk_rows=chunk_rows)
+    for a, e in zip(actual, expected):
+        assert_rel_close(a, e, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_low_precision_no_worse_than_torch_same_dtype(dtype, softcap):
+    case = make_case(33, 123, 1001, scale=4.0)
+    exact = value_and_grads(reference, *case, torch.float64, softcap=softcap)
+    same_dtype = value_and_grads(reference, *case, dtype, softcap=softcap)
+    actual = value_and_grads(ours, *case, dtype, softcap=softcap, chunk_rows=10)
+    tol = 4 * torch.finfo(dtype).eps
+    for name, a, s, e in zip(("out", "d_rows", "d_weight", "d_bias"), actual, same_dtype, exact):
+        scale = max(1.0, e.abs().max().item())
+        excess = (a - e).abs() - (s - e).abs() - tol * scale
+        assert excess.max().item() <= 0, f"{name}: exceeds torch-{dtype} error by {excess.max().item():.3g}"
+
+
+def test_peaked_softmax_stays_accurate():
+    # Logits span hundreds: softmax is one-hot up to exp(-100) and naive exp overflows.
+    case = make_case(20, 16, 257, scale=300.0, bias=False, ignored=0.2)
+    expected = value_and_grads(reference, *case, torch.float64)
+    actual = value_and_grads(ours, *case, torch.float32, chunk_rows=6)
+    for a, e in zip(actual, expected):
+        assert torch.isfinite(a).all()
+        assert_rel_close(a, e, 1e-5)
+
+
+def test_frozen_head_gives_rows_grad_only():
+    rows, weight, bias, targets, grad = make_case(19, 12, 77)
+    x = rows.float().requires_grad_()
+    out = chunked_token_logprobs(x, weight.float(), targets, bias=bias.float(), chunk_rows=4)
+    (d_rows,) = torch.autograd.grad(out, x, grad.float())
+    x64 = rows.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(reference(x64, weight, targets, bias=bias), x64, grad)
+    assert_rel_close(d_rows.double(), expected, 1e-5)
+
+
+def test_all_rows_ignored_gives_zeros_and_zero_grads():
+    rows, weight, _, targets, grad = make_case(6, 5, 11, bias=False)
+    x, w = rows.float().requires_grad_(), weight.float().requires_grad_()
+    out = chunked_token_logprobs(x, w, torch.full_like(targets, IGNORE))
+    d_rows, d_weight = torch.autograd.grad(out, (x, w), grad.float())
+    assert (out == 0).all() and (d_rows == 0).all() and (d_weight == 0).all()
+
+
+def test_gradcheck_float64():
+    rows, weight, bias, targets, _ = make_case(5, 4, 9, ignored=0.3, seed=3)
+    targets[1] = IGNORE
+    leaves = [t.clone().requires_grad_() for t in (rows, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: chunked_token_logprobs(x, w, targets, bias=b, softcap=2.0, temperature=0.8, chunk_rows=2),
+        leaves,
+    )
+
+
+def test_forward_keeps_no_logits():
+    # Nothing of size N*V may be saved for backward: logits are recomputed per chunk.
+    N, D, V = 64, 8, 500
+    rows, weight, bias, targets, _ = make_case(N, D, V)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        chunked_token_logprobs(rows.float().requires_grad_(), weight.float().requires_grad_(), targets,
+                               bias=bias.float(), chunk_rows=8)
+    assert saved and max(saved) <= V * D
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(targets=torch.tensor([0, 3, 9])), ValueError, "targets"),
+        (dict(targets=torch.tensor([0, -1, 2])), ValueError, "targets"),
+        (dict(targets=torch.tensor([0, 1])), ValueError, "targets"),
+        (dict(targets=torch.tensor([0, 1, 2], dtype=torch.int32)), TypeError, "targets"),
+        (dict(weight=torch.randn(9, 5, dtype=torch.float64)), TypeError, "weight"),
+        (dict(weight=torch.randn(9, 4)), ValueError, "weight"),
+        (dict(rows=torch.randn(3, 5).to(torch.int64)), TypeError, "rows"),
+        (dict(bias=torch.randn(8)), ValueError, "bias"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(chunk_rows=0), ValueError, "chunk_rows"),
+    ],
+)
+def test_bad_input_raises(change, error, match):
+    args = dict(rows=torch.randn(3, 5), weight=torch.randn(9, 5), targets=torch.tensor([0, IGNORE, 8]),
+                bias=None, softcap=None, temperature=1.0, chunk_rows=None)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        chunked_token_logprobs(args.pop("rows"), args.pop("weight"), args.pop("targets"), **args)
