@@ -1,0 +1,172 @@
+"""``sami_loss``: the SAMI mutual-information loss, a drop-in for the original.
+
+Public function -> autograd.Function (Triton or PyTorch) -> kernel. Both paths
+produce the same per-query table (share of the batch loss, contributing count,
+row hits, column hits) -- see ``kernels/mi_loss.py`` for the math -- from which
+the batch loss and the stats are a few O(B) operations.
+"""
+
+import math
+
+import torch
+
+from sami_fast.backend import use_triton
+from sami_fast.kernels.mi_loss import COLUMN_HITS, COUNT, LOSS, ROW_HITS, mi_loss_kernel
+from sami_fast.validation import check_finite_result, check_float, check_no_nan, check_tensor
+
+
+def _contributing_queries(count: torch.Tensor) -> torch.Tensor:
+    return (count > 0).sum()
+
+
+class _TritonMiLoss(torch.autograd.Function):
+    """One kernel launch for the loss and the gradient; backward only scales it by grad_output."""
+
+    @staticmethod
+    def forward(ctx, logprobs, mask, compute_grad):
+        # ctx.needs_input_grad stays True under torch.no_grad(), hence the explicit flag.
+        per_query, grad = mi_loss_kernel(logprobs, mask, compute_grad=compute_grad)
+        ctx.mark_non_differentiable(per_query)
+        ctx.save_for_backward(grad)
+        return per_query[:, LOSS].sum().to(logprobs.dtype), per_query
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_query):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None
+
+
+class _TorchMiLoss(torch.autograd.Function):
+    """Memory-lean PyTorch path: saves the input and the (B, C) log-sum-exps, not softmaxes."""
+
+    @staticmethod
+    def forward(ctx, logprobs, mask, with_hits):
+        x, valid = _masked_scores(logprobs, mask)
+        row_lse = torch.logsumexp(x, dim=2)
+        col_lse = torch.logsumexp(x, dim=1)
+        diag = x.diagonal(dim1=1, dim2=2)
+        count = valid.sum(dim=1).to(x.dtype)
+        # Per-entry gradient scale 1 / (2 n_b Q), as in the kernel.
+        scale = 0.5 / (count.clamp(min=1) * _contributing_queries(count))
+        terms = torch.where(valid, row_lse - diag, 0.0).sum(1) + torch.where(valid, col_lse - diag, 0.0).sum(1)
+        per_query = torch.zeros((x.shape[0], 4), dtype=x.dtype, device=x.device)
+        per_query[:, LOSS] = terms * scale
+        per_query[:, COUNT] = count
+        if with_hits:
+            target = torch.arange(x.shape[-1], device=x.device)
+            per_query[:, ROW_HITS] = ((x.argmax(dim=2) == target) & valid).sum(1).to(x.dtype)
+            per_query[:, COLUMN_HITS] = ((x.argmax(dim=1) == target) & valid).sum(1).to(x.dtype)
+        ctx.mark_non_differentiable(per_query)
+        ctx.save_for_backward(logprobs, mask, row_lse, col_lse, scale)
+        return per_query[:, LOSS].sum().to(logprobs.dtype), per_query
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_query):
+        logprobs, mask, row_lse, col_lse, scale = ctx.saved_tensors
+        x, valid = _masked_scores(logprobs, mask)
+        grad = torch.exp(x - row_lse[:, :, None])
+        col_softmax = torch.exp(x - col_lse[:, None, :])
+        if mask is not None:
+            # Non-contributing lines may have lse = -inf (exp -> NaN): masked_fill_ drops them.
+            grad.masked_fill_(~valid[:, :, None], 0.0)
+            col_softmax.masked_fill_(~valid[:, None, :], 0.0)
+        grad += col_softmax
+        grad.diagonal(dim1=1, dim2=2).sub_(2.0 * valid.to(x.dtype))
+        grad *= (scale * grad_loss.to(x.dtype))[:, None, None]
+        return grad.to(logprobs.dtype), None, None
+
+
+def _masked_scores(logprobs: torch.Tensor, mask):
+    """Scores in fp32 (fp64 for fp64 input) with masked entries -inf, and valid = kept diagonal."""
+    x = logprobs.to(torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
+    if mask is None:
+        return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return x.masked_fill(~mask, -math.inf), mask.diagonal(dim1=1, dim2=2)
+
+
+def _validate(logprobs, mask) -> None:
+    check_float("logprobs", logprobs, dims=(2, 3))
+    C, R = logprobs.shape[-2:]
+    if C != R:
+        raise ValueError(
+            f"logprobs must be square (C == R, targets on the diagonal), got shape {tuple(logprobs.shape)}"
+        )
+    if logprobs.numel() == 0:
+        raise ValueError(f"logprobs must not be empty (B >= 1, C >= 1), got shape {tuple(logprobs.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask, dtypes=(torch.bool,))
+        if mask.shape != logprobs.shape:
+            raise ValueError(f"mask must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(mask.shape)}")
+        if mask.device != logprobs.device:
+            raise ValueError(f"mask must be on the device of logprobs ({logprobs.device}), got {mask.device}")
+
+
+def _check_some_query_contributes(per_query: torch.Tensor) -> None:
+    if not bool(per_query[:, COUNT].any()):
+        raise ValueError("mask leaves no contributing row in any query (every diagonal entry is masked)")
+
+
+def _raise_non_finite(loss, x, mask, per_query) -> None:
+    """Name the cause of a NaN/inf loss (only runs once a non-finite loss was seen)."""
+    if mask is not None:
+        _check_some_query_contributes(per_query)
+    kept = x if mask is None else x[mask]
+    check_no_nan("logprobs", kept)
+    diag = x.diagonal(dim1=1, dim2=2)
+    contributing = diag if mask is None else diag[mask.diagonal(dim1=1, dim2=2)]
+    if bool((contributing == -math.inf).any()):
+        raise ValueError("logprobs has -inf on a contributing diagonal entry: the loss is infinite")
+    if bool((kept == math.inf).any()):
+        raise ValueError("logprobs contains +inf")
+    check_finite_result("sami_loss", loss)
+
+
+def sami_loss(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
+              return_stats: bool = False, check_finite: bool = True):
+    """SAMI loss of a (C, C) or batched (B, C, C) log-prob matrix; drop-in for the original.
+
+    ``logprobs[b, k, j]`` scores response j under constitution k (targets on the
+    diagonal). Per query the loss is the mean of the row cross-entropy (softmax
+    over each row) and the column cross-entropy (softmax over each column); a
+    batch gives the mean over queries. ``mask`` (same shape, bool) keeps an entry
+    where True: masked entries take no part in either softmax, a row/column with
+    a masked diagonal entry does not contribute, and queries with no
+    contributing row are left out of the mean. Entries may be -inf ("impossible")
+    off the contributing diagonal. Arithmetic is fp32 (fp64 for fp64 input); the
+    loss and the gradient have the input dtype.
+
+    ``return_stats=True`` returns ``(loss, stats)`` with fp32 (fp64) tensors
+    ``row_accuracy``, ``column_accuracy`` (over all contributing rows/columns) and
+    ``mi_lower_bound`` (mean over queries of log n - loss). ``check_finite``
+    costs one host sync: a NaN/inf loss raises a ValueError naming the cause
+    (NaN or +inf in ``logprobs``, -inf on a contributing diagonal entry, or a
+    ``mask`` that leaves nothing). Masked entries are never read into the result,
+    so they may hold anything.
+    """
+    _validate(logprobs, mask)
+    batched = logprobs.dim() == 3
+    x = logprobs if batched else logprobs.unsqueeze(0)
+    m = None if mask is None else (mask if batched else mask.unsqueeze(0))
+    if use_triton(x):
+        loss, per_query = _TritonMiLoss.apply(x, m, torch.is_grad_enabled() and x.requires_grad)
+    else:
+        loss, per_query = _TorchMiLoss.apply(x, m, return_stats)
+    if check_finite:
+        if not bool(torch.isfinite(loss)):
+            _raise_non_finite(loss, x, m, per_query)
+    elif m is not None:
+        _check_some_query_contributes(per_query)
+    if not return_stats:
+        return loss
+    return loss, _stats(per_query)
+
+
+def _stats(per_query: torch.Tensor) -> dict:
+    count = per_query[:, COUNT]
+    total = count.sum().clamp(min=1)
+    mean_log_count = torch.log(count.clamp(min=1)).sum() / _contributing_queries(count)
+    return {
+        "row_accuracy": per_query[:, ROW_HITS].sum() / total,
+        "column_accuracy": per_query[:, COLUMN_HITS].sum() / total,
+        "mi_lower_bound": mean_log_count - per_query[:, LOSS].sum(),
+    }
