@@ -1,0 +1,147 @@
+"""One SAMI training step (matrix + loss + backward) on SmolLM2: original style vs shared prefix.
+
+Providers, on the same model and data:
+
+* ``original``: all C*R sequences ``prompt_k ++ response_j`` in one right-padded
+  forward, full fp32 logits, the original ``get_batch_logprobs`` (mean over the
+  response tokens) and ``sami_loss`` from ``sami_fast.reference``, backward;
+* ``sami_fast``: ``sami_loss(logprob_matrix(...))`` and backward (each prompt
+  runs once, the LM head only at response positions, no logits tensor);
+* ``sami_fast_gradcache``: ``sami_backward`` with one prompt's R responses per
+  chunk (``micro_batch_size = R``): peak memory independent of C.
+
+Sizes: "full" is the real SmolLM2-135M-Instruct (fp32), prompts ~256 and
+responses ~48 tokens, C = R in {2, 4, 8} (and 16 for the gradient cache).
+"small" keeps SmolLM2's widths and vocabulary but 2 random-weight layers,
+prompts ~128 and responses ~24 tokens, C = R in {2, 4}: quick enough for CPU.
+Each case's ``notes["ideal_speedup"]`` is the token-count ratio
+C*R*(Lp+Lr) / (C*Lp + C*R*Lr) that sharing the prompts can at most give.
+"""
+
+import functools
+
+import torch
+
+from sami_fast import logprob_matrix, reference, sami_backward, sami_loss
+from sami_fast.bench import Case
+from sami_fast.hf import load_smollm2
+
+KERNEL = "sami_step"
+SIZES = {
+    # size: (Cs, gradcache Cs, prompt length, response length, B)
+    "small": ((2, 4), (4,), 128, 24, 1),
+    "full": ((2, 4, 8), (4, 16), 256, 48, 1),
+}
+
+
+@functools.lru_cache(maxsize=2)
+def _model(size: str, device: str):
+    if size == "full":
+        model, _ = load_smollm2(torch.float32)
+    else:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        config = LlamaConfig(  # SmolLM2-135M's shapes, 2 of its 30 layers
+            hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
+            num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+        )
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(device).eval()
+
+
+def _data(B: int, C: int, prompt_length: int, response_length: int, vocab: int, device: str):
+    """Ragged token ids: prompts in [0.9 Lp, Lp], responses in [0.75 Lr, Lr] (seeded)."""
+    generator = torch.Generator().manual_seed(C)
+
+    def ids(low, high):
+        n = int(torch.randint(low, high + 1, (), generator=generator))
+        return torch.randint(0, vocab, (n,), generator=generator).to(device)
+
+    prompts = [[ids(int(0.9 * prompt_length), prompt_length) for _ in range(C)] for _ in range(B)]
+    responses = [[ids(int(0.75 * response_length), response_length) for _ in range(C)] for _ in range(B)]
+    return prompts, responses
+
+
+def _original_batch(prompts, responses, pad_id: int):
+    """All C*R concatenations right-padded; labels are -100 except on response tokens."""
+    sequences, labels = [], []
+    for group_prompts, group_responses in zip(prompts, responses):
+        for prompt in group_prompts:
+            for response in group_responses:
+                sequences.append(torch.cat([prompt, response]))
+                labels.append(torch.cat([torch.full_like(prompt, -100), response]))
+    width = max(len(s) for s in sequences)
+    device = sequences[0].device
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    label_ids = torch.full_like(input_ids, -100)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (s, y) in enumerate(zip(sequences, labels)):
+        input_ids[row, : len(s)], label_ids[row, : len(s)], attention_mask[row, : len(s)] = s, y, 1
+    return input_ids, attention_mask, label_ids
+
+
+def _original_step(model, prompts, responses):
+    B, C = len(prompts), len(prompts[0])
+    input_ids, attention_mask, labels = _original_batch(prompts, responses, pad_id=0)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        matrix = reference.get_batch_logprobs(logits, labels).reshape(B, C, C)
+        loss = reference.sami_loss(matrix)
+        loss.backward()
+        return loss
+
+    return run
+
+
+def _fast_step(model, prompts, responses):
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = sami_loss(logprob_matrix(model, prompts, responses))
+        loss.backward()
+        return loss
+
+    return run
+
+
+def _gradcache_step(model, prompts, responses):
+    def run():
+        model.zero_grad(set_to_none=True)
+        return sami_backward(model, prompts, responses, micro_batch_size=len(responses[0]))[0]
+
+    return run
+
+
+STEPS = {"original": _original_step, "sami_fast": _fast_step, "sami_fast_gradcache": _gradcache_step}
+
+
+def _case(provider: str, size: str, device: str, C: int) -> Case:
+    _, _, prompt_length, response_length, B = SIZES[size]
+    Lp, Lr = prompt_length, response_length
+    ideal = C * C * (Lp + Lr) / (C * Lp + C * C * Lr)
+
+    def setup():
+        model = _model(size, device)
+        prompts, responses = _data(B, C, Lp, Lr, model.config.vocab_size, device)
+        return STEPS[provider](model, prompts, responses)
+
+    return Case(
+        kernel=KERNEL,
+        provider=provider,
+        x=f"C=R={C} Lp={Lp} Lr={Lr} ideal x{ideal:.2f}",
+        setup=setup,
+        notes={"C": C, "prompt_length": Lp, "response_length": Lr, "ideal_speedup": ideal, "size": size},
+    )
+
+
+def cases(device: str, size: str) -> list[Case]:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    Cs, gradcache_Cs = SIZES[size][:2]
+    out = []
+    for C in Cs:
+        out += [_case("original", size, device, C), _case("sami_fast", size, device, C)]
+    out += [_case("sami_fast_gradcache", size, device, C) for C in gradcache_Cs]
+    return out

@@ -1,0 +1,211 @@
+"""SAMI log-prob matrices with shared prompts, and their constant-memory backward.
+
+``logprob_matrix`` scores every response of a query under every principle
+prompt, running each prompt once and all (prompt, response) pairs in one
+batched pass (or in ``micro_batch_size`` chunks). ``sami_backward`` computes the
+SAMI loss and accumulates its parameter gradients by gradient caching, so its
+peak memory is one chunk's, whatever C*R is.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from sami_fast.hf import (
+    causal_lm_parts,
+    check_sliding_window,
+    layer_checkpointing_active,
+    layer_checkpointing_off,
+    run_prompts,
+    score_responses,
+)
+from sami_fast.loss import sami_loss
+from sami_fast.validation import check_tensor
+
+
+
+@dataclass
+class _Pairs:
+    """The (B, C, R) problem flattened: pair i = (b, k, j) in row-major order."""
+
+    shape: tuple  # (B, C, R)
+    prompts: list  # B*C token tensors on the model's device
+    responses: list  # B*R
+    pair_prompt: torch.Tensor  # (B*C*R,) index into prompts
+    pair_response: list  # (B*C*R,) index into responses
+    pad_id: int
+
+
+def _token_groups(name: str, groups, vocab_size: int):
+    """Check a list of B lists of equally many 1-D id tensors; returns (flat list, per-query max length)."""
+    if not isinstance(groups, (list, tuple)) or len(groups) == 0:
+        raise ValueError(f"{name} must be a non-empty list with one list of token tensors per query")
+    width = None
+    flat, longest = [], []
+    for b, group in enumerate(groups):
+        if not isinstance(group, (list, tuple)) or len(group) == 0:
+            raise ValueError(f"{name}[{b}] must be a non-empty list of token tensors (got {len(group)} entries)")
+        if width is not None and len(group) != width:
+            raise ValueError(f"{name}[{b}] has {len(group)} entries but {name}[0] has {width}")
+        width = len(group)
+        for i, ids in enumerate(group):
+            where = f"{name}[{b}][{i}]"
+            check_tensor(where, ids, dims=(1,), dtypes=(torch.long,))
+            if ids.numel() == 0:
+                raise ValueError(f"{where} is empty: every prompt and response needs at least one token")
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"{where} holds token id {bad} outside the vocabulary [0, {vocab_size})")
+        flat.extend(group)
+        longest.append(max(len(ids) for ids in group))
+    return flat, width, longest
+
+
+def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
+    flat_prompts, C, prompt_max = _token_groups("prompts", prompts, parts.vocab_size)
+    flat_responses, R, response_max = _token_groups("responses", responses, parts.vocab_size)
+    B = len(prompts)
+    if len(responses) != B:
+        raise ValueError(f"responses has {len(responses)} queries but prompts has {B}")
+    for b in range(B):
+        total = prompt_max[b] + response_max[b]
+        if parts.max_positions is not None and total > parts.max_positions:
+            raise ValueError(
+                f"prompts[{b}] + responses[{b}]: prompt length {prompt_max[b]} + response length "
+                f"{response_max[b]} = {total} exceeds the model's max positions {parts.max_positions}"
+            )
+    check_sliding_window(parts, max(prompt_max) + max(response_max))
+    pad_id = pad_token_id if pad_token_id is not None else getattr(parts.config, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id
+    if not isinstance(pad_id, int) or not 0 <= pad_id < parts.vocab_size:
+        raise ValueError(f"pad_token_id must be an id in [0, {parts.vocab_size}), got {pad_id!r}")
+    device = parts.head_weight.device
+    b, k, j = torch.meshgrid(torch.arange(B), torch.arange(C), torch.arange(R), indexing="ij")
+    return _Pairs(
+        shape=(B, C, R),
+        prompts=[ids.to(device) for ids in flat_prompts],
+        responses=[ids.to(device) for ids in flat_responses],
+        pair_prompt=(b * C + k).reshape(-1).to(device),
+        pair_response=(b * R + j).reshape(-1).tolist(),
+        pad_id=pad_id,
+    )
+
+
+def _chunks(n_pairs: int, micro_batch_size):
+    if micro_batch_size is None:
+        return [(0, n_pairs)]
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be a positive int (pairs per chunk), got {micro_batch_size!r}")
+    return [(s, min(s + micro_batch_size, n_pairs)) for s in range(0, n_pairs, micro_batch_size)]
+
+
+def _run(model, fn, *args, checkpointed: bool):
+    """``fn(*args)`` with HF's layer checkpointing off; as one checkpointed unit when ``checkpointed``."""
+
+    def run(*inputs):
+        with layer_checkpointing_off(model):  # also around the recomputation during backward
+            return fn(*inputs)
+
+    return checkpoint(run, *args, use_reentrant=False) if checkpointed else run(*args)
+
+
+def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None) -> torch.Tensor:
+    """(B, C, R) SAMI scores: ``[b, k, j]`` = mean log-prob of ``responses[b][j]`` given ``prompts[b][k]``.
+
+    ``prompts``: B lists of C 1-D LongTensors (principle + query ids, BOS
+    included); ``responses``: B lists of R 1-D LongTensors (no BOS). Equal, within
+    fp32 rounding, to averaging the response-token log-probs of the concatenated
+    sequence ``prompts[b][k] ++ responses[b][j]``, and differentiable w.r.t. every
+    parameter. All prompts run in one forward; the B*C*R responses run in one
+    forward, or ``micro_batch_size`` pairs at a time, on copies of their prompt's
+    cache. With gradient checkpointing enabled (training mode) the prompt pass and
+    each response chunk are checkpointed as a whole.
+    """
+    parts = causal_lm_parts(model)
+    pairs = _pairs(parts, prompts, responses, pad_token_id)
+    chunks = _chunks(len(pairs.pair_response), micro_batch_size)
+    checkpointed = layer_checkpointing_active(model)
+    states = _run(model, run_prompts, parts, pairs.prompts, pairs.pad_id, checkpointed=checkpointed)
+    scores = [
+        _run(
+            model,
+            score_responses,
+            parts,
+            states,
+            pairs.pair_prompt[s:e],
+            [pairs.responses[i] for i in pairs.pair_response[s:e]],
+            pairs.pad_id,
+            checkpointed=checkpointed,
+        )
+        for s, e in chunks
+    ]
+    return torch.cat(scores).reshape(pairs.shape)
+
+
+def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int) -> torch.Tensor:
+    """Scores of pairs [start, stop), re-running just the prompts they need."""
+    first = int(pairs.pair_prompt[start])
+    last = int(pairs.pair_prompt[stop - 1])
+    states = run_prompts(parts, pairs.prompts[first : last + 1], pairs.pad_id)
+    responses = [pairs.responses[i] for i in pairs.pair_response[start:stop]]
+    return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id)
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None):
+    """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
+
+    Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
+    (1) the matrix is computed chunk by chunk without a graph; (2) the loss and
+    d loss / d matrix come from a leaf copy; (3) each chunk is recomputed with a
+    graph and back-propagates its slice of that gradient. A chunk re-runs the
+    prompts it needs. The RNG state is replayed per chunk so dropout draws the
+    same masks in (1) and (3). Returns ``(loss (detached), stats)`` with stats
+    from the SAMI loss (row/column accuracy, MI lower bound).
+    """
+    parts = causal_lm_parts(model)
+    pairs = _pairs(parts, prompts, responses, pad_token_id=None)
+    B, C, R = pairs.shape
+    if C != R:
+        raise ValueError(
+            f"sami_backward needs square matrices: responses[b] must hold as many responses as prompts[b] "
+            f"has prompts (C == R), got C={C}, R={R}"
+        )
+    if micro_batch_size is None:
+        raise ValueError("micro_batch_size must be a positive int (pairs per chunk), got None")
+    chunks = _chunks(len(pairs.pair_response), micro_batch_size)
+    if mask is not None:
+        check_tensor("mask", mask, dims=(3,), dtypes=(torch.bool,))
+        if tuple(mask.shape) != pairs.shape:
+            raise ValueError(f"mask must have shape {pairs.shape}, got {tuple(mask.shape)}")
+    device = parts.head_weight.device
+    with layer_checkpointing_off(model):  # each chunk is recomputed anyway: no extra checkpointing
+        replay = []
+        with torch.no_grad():
+            pieces = []
+            for start, stop in chunks:
+                replay.append(_rng_state(device))
+                pieces.append(_chunk_scores(parts, pairs, start, stop))
+        matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()
+        with torch.enable_grad():
+            loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True)
+            (d_matrix,) = torch.autograd.grad(loss, matrix)
+        d_scores = d_matrix.reshape(-1)
+        resume = _rng_state(device)
+        for (start, stop), state in zip(chunks, replay):
+            _set_rng_state(device, state)
+            with torch.enable_grad():
+                _chunk_scores(parts, pairs, start, stop).backward(d_scores[start:stop])
+        _set_rng_state(device, resume)
+    return loss.detach(), stats

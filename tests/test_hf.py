@@ -1,0 +1,339 @@
+"""logprob_matrix / sami_backward on tiny random HF models vs the plain full-sequence computation."""
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, LlamaModel
+
+import sami_fast.hf
+from sami_fast import logprob_matrix, sami_backward, sami_loss
+
+VOCAB = 1000
+
+
+def tiny_llama(attn="sdpa", dropout=0.0):
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, attention_dropout=dropout,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def tiny_gpt2(attn="sdpa", dropout=0.0):
+    # Fused c_attn Conv1D projections, absolute position embeddings, tied head.
+    config = GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+def tiny_gemma2():
+    # Final-logit softcapping and (alternating) sliding-window layers.
+    config = Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64,
+        sliding_window=32, final_logit_softcapping=3.0,
+    )
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+_LLAMA = tiny_llama()  # shared by the tests that only read it
+
+
+def random_problem(generator, B, C, R, prompt_len=(2, 9), response_len=(1, 7)):
+    def ids(lo, hi):
+        n = int(torch.randint(lo, hi, (), generator=generator))
+        return torch.randint(0, VOCAB, (n,), generator=generator)
+
+    prompts = [[ids(*prompt_len) for _ in range(C)] for _ in range(B)]
+    responses = [[ids(*response_len) for _ in range(R)] for _ in range(B)]
+    return prompts, responses
+
+
+def full_sequence_matrix(model, prompts, responses):
+    """Each concatenated prompt ++ response through the model; mean log-prob of the response tokens."""
+    B, C, R = len(prompts), len(prompts[0]), len(responses[0])
+    scores = []
+    for b in range(B):
+        for k in range(C):
+            for j in range(R):
+                sequence = torch.cat([prompts[b][k], responses[b][j]])
+                logprobs = model(sequence[None]).logits[0].log_softmax(-1)
+                start = len(prompts[b][k]) - 1  # the last prompt position predicts the first response token
+                predicted = logprobs[start : len(sequence) - 1]
+                scores.append(predicted.gather(1, responses[b][j][:, None]).mean())
+    return torch.stack(scores).reshape(B, C, R)
+
+
+def grads_after(model, step):
+    """The parameter gradients ``step()`` leaves (it calls backward itself), from zero."""
+    model.zero_grad(set_to_none=True)
+    step()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def parameter_grads(model, loss_fn):
+    return grads_after(model, lambda: loss_fn().backward())
+
+
+def assert_grads_close(got, want, rtol=1e-4):
+    for name, expected in want.items():
+        assert got[name] is not None, f"no gradient reached {name}"
+        assert expected.norm() > 0, f"reference gradient of {name} is zero: the check would be vacuous"
+        error = (got[name] - expected).norm() / expected.norm()
+        assert error <= rtol, f"{name}: relative gradient error {error:.2e}"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_matrix_and_grads_match_full_sequence(arch, attn):
+    model = MODELS[arch](attn)
+    prompts, responses = random_problem(torch.Generator().manual_seed(1), B=2, C=3, R=2)  # rectangular
+    weights = torch.randn(2, 3, 2)
+    matrix = logprob_matrix(model, prompts, responses)
+    expected = full_sequence_matrix(model, prompts, responses)
+    assert matrix.shape == (2, 3, 2)
+    torch.testing.assert_close(matrix, expected, atol=1e-5, rtol=0)
+    got = parameter_grads(model, lambda: (logprob_matrix(model, prompts, responses) * weights).sum())
+    want = parameter_grads(model, lambda: (full_sequence_matrix(model, prompts, responses) * weights).sum())
+    assert_grads_close(got, want)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 2), C=st.integers(1, 3), R=st.integers(1, 3))
+def test_matrix_matches_full_sequence_random_shapes(seed, B, C, R):
+    model = _LLAMA
+    prompts, responses = random_problem(torch.Generator().manual_seed(seed), B, C, R)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logprob_matrix(model, prompts, responses), full_sequence_matrix(model, prompts, responses),
+            atol=1e-5, rtol=0,
+        )
+
+
+def test_single_token_responses_use_only_the_prompt_state():
+    prompts, _ = random_problem(torch.Generator().manual_seed(2), B=2, C=2, R=3)
+    responses = [[torch.tensor([t]) for t in (5, 77, 999)] for _ in range(2)]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logprob_matrix(_LLAMA, prompts, responses), full_sequence_matrix(_LLAMA, prompts, responses),
+            atol=1e-5, rtol=0,
+        )
+
+
+def test_softcapped_sliding_window_model():
+    model = tiny_gemma2()
+    prompts, responses = random_problem(torch.Generator().manual_seed(3), B=1, C=2, R=2)
+    weights = torch.randn(1, 2, 2)
+    torch.testing.assert_close(
+        logprob_matrix(model, prompts, responses), full_sequence_matrix(model, prompts, responses),
+        atol=1e-5, rtol=0,
+    )
+    got = parameter_grads(model, lambda: (logprob_matrix(model, prompts, responses) * weights).sum())
+    want = parameter_grads(model, lambda: (full_sequence_matrix(model, prompts, responses) * weights).sum())
+    assert_grads_close(got, want)
+    long_prompt = [[torch.randint(0, VOCAB, (30,)), prompts[0][1]]]
+    with pytest.raises(ValueError, match="sliding window"):
+        logprob_matrix(model, long_prompt, [[torch.arange(5), torch.arange(3)]])
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 4, 7])
+def test_micro_batches_match_one_batch(micro_batch_size):
+    prompts, responses = random_problem(torch.Generator().manual_seed(4), B=2, C=3, R=3)
+    weights = torch.randn(2, 3, 3)
+    whole = parameter_grads(_LLAMA, lambda: (logprob_matrix(_LLAMA, prompts, responses) * weights).sum())
+    with torch.no_grad():
+        expected = logprob_matrix(_LLAMA, prompts, responses)
+        chunked = logprob_matrix(_LLAMA, prompts, responses, micro_batch_size=micro_batch_size)
+    torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=0)
+    parts = parameter_grads(
+        _LLAMA,
+        lambda: (logprob_matrix(_LLAMA, prompts, responses, micro_batch_size=micro_batch_size) * weights).sum(),
+    )
+    assert_grads_close(parts, whole)
+
+
+def test_pad_token_does_not_change_scores():
+    prompts, responses = random_problem(torch.Generator().manual_seed(5), B=2, C=2, R=2)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logprob_matrix(_LLAMA, prompts, responses, pad_token_id=7),
+            logprob_matrix(_LLAMA, prompts, responses, pad_token_id=998),
+            atol=1e-6, rtol=0,
+        )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("micro_batch_size", [1, 5, 18])
+def test_sami_backward_matches_full_backward(arch, micro_batch_size):
+    model = MODELS[arch]()
+    prompts, responses = random_problem(torch.Generator().manual_seed(6), B=2, C=3, R=3)
+    mask = torch.ones(2, 3, 3, dtype=torch.bool)
+    mask[1, 0, 2] = mask[0, 1, 1] = False
+    want = parameter_grads(model, lambda: sami_loss(logprob_matrix(model, prompts, responses), mask))
+    expected_loss, expected_stats = sami_loss(
+        logprob_matrix(model, prompts, responses).detach(), mask, return_stats=True
+    )
+    result = {}
+
+    def run():
+        result["loss"], result["stats"] = sami_backward(
+            model, prompts, responses, micro_batch_size=micro_batch_size, mask=mask
+        )
+
+    got = grads_after(model, run)
+    assert_grads_close(got, want)
+    assert not result["loss"].requires_grad
+    torch.testing.assert_close(result["loss"], expected_loss, atol=1e-5, rtol=0)
+    assert set(result["stats"]) >= {"row_accuracy", "column_accuracy", "mi_lower_bound"}
+    for name, value in expected_stats.items():
+        torch.testing.assert_close(result["stats"][name], value, atol=1e-5, rtol=0)
+
+
+def test_sami_backward_accumulates_into_existing_grads():
+    prompts, responses = random_problem(torch.Generator().manual_seed(7), B=1, C=2, R=2)
+    once = grads_after(_LLAMA, lambda: sami_backward(_LLAMA, prompts, responses, micro_batch_size=3))
+    sami_backward(_LLAMA, prompts, responses, micro_batch_size=3)  # on top of the grads left by the line above
+    twice = {name: p.grad for name, p in _LLAMA.named_parameters()}
+    assert_grads_close(twice, {name: 2 * g for name, g in once.items()})
+
+
+def test_dropout_masks_replayed_between_passes():
+    # With one chunk, sami_backward draws its dropout masks exactly as logprob_matrix does, provided
+    # the recomputation replays the RNG state of the no-grad pass (otherwise the masks differ).
+    model = tiny_gpt2(dropout=0.3).train()
+    prompts, responses = random_problem(torch.Generator().manual_seed(8), B=1, C=2, R=2)
+    torch.manual_seed(123)
+    want = parameter_grads(model, lambda: sami_loss(logprob_matrix(model, prompts, responses)))
+    torch.manual_seed(123)
+    got = grads_after(model, lambda: sami_backward(model, prompts, responses, micro_batch_size=4))
+    assert_grads_close(got, want)
+    torch.manual_seed(124)  # a different draw gives a different gradient: the check above can fail
+    other = parameter_grads(model, lambda: sami_loss(logprob_matrix(model, prompts, responses)))
+    assert (other["transformer.h.0.mlp.c_fc.weight"] - want["transformer.h.0.mlp.c_fc.weight"]).norm() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradient_checkpointing(arch):
+    model = MODELS[arch]()
+    prompts, responses = random_problem(torch.Generator().manual_seed(9), B=2, C=2, R=2)
+    weights = torch.randn(2, 2, 2)
+    want = parameter_grads(model, lambda: (full_sequence_matrix(model, prompts, responses) * weights).sum())
+    want_sami = parameter_grads(model, lambda: sami_loss(logprob_matrix(model, prompts, responses)))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # HF checkpoints (and drops the KV cache) only in training mode; dropout is 0
+    got = parameter_grads(
+        model, lambda: (logprob_matrix(model, prompts, responses, micro_batch_size=3) * weights).sum()
+    )
+    assert_grads_close(got, want)
+    got_sami = grads_after(model, lambda: sami_backward(model, prompts, responses, micro_batch_size=3))
+    assert_grads_close(got_sami, want_sami)
+    assert all(m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing"))
+
+
+def test_cache_keyword_detection():
+    class OldDecoder(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return None
+
+    assert sami_fast.hf.cache_keyword(OldDecoder()) == "past_key_values"
+    new_api = int(transformers.__version__.split(".")[0]) >= 5
+    assert sami_fast.hf.cache_keyword(_LLAMA.base_model) == ("cache" if new_api else "past_key_values")
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_both_cache_keywords(keyword, monkeypatch):
+    import inspect
+
+    if keyword not in inspect.signature(_LLAMA.base_model.forward).parameters and keyword == "cache":
+        pytest.skip("transformers < 5 has no `cache=` keyword")  # 4.x: only past_key_values exists
+    monkeypatch.setattr(sami_fast.hf, "cache_keyword", lambda decoder: keyword)
+    prompts, responses = random_problem(torch.Generator().manual_seed(10), B=1, C=2, R=2)
+    # A keyword the model ignored would leave the responses without their prompt: far off.
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logprob_matrix(_LLAMA, prompts, responses), full_sequence_matrix(_LLAMA, prompts, responses),
+            atol=1e-5, rtol=0,
+        )
+
+
+def _ok():
+    return random_problem(torch.Generator().manual_seed(11), B=2, C=2, R=2)
+
+
+def _set(groups, b, i, value):
+    groups = [list(g) for g in groups]
+    groups[b][i] = value
+    return groups
+
+
+BAD_INPUTS = {
+    "empty prompt": (lambda p, r: (_set(p, 1, 0, torch.tensor([], dtype=torch.long)), r), r"prompts\[1\]\[0\] is empty"),
+    "empty response": (lambda p, r: (p, _set(r, 0, 1, torch.tensor([], dtype=torch.long))), r"responses\[0\]\[1\] is empty"),
+    "C = 0": (lambda p, r: ([[], []], r), r"prompts\[0\] must be a non-empty list"),
+    "R = 0": (lambda p, r: (p, [[], []]), r"responses\[0\] must be a non-empty list"),
+    "B = 0": (lambda p, r: ([], []), r"prompts must be a non-empty list"),
+    "id >= vocab": (lambda p, r: (p, _set(r, 1, 1, torch.tensor([3, VOCAB]))), rf"responses\[1\]\[1\] holds token id {VOCAB}"),
+    "negative id": (lambda p, r: (_set(p, 0, 1, torch.tensor([1, -2])), r), r"prompts\[0\]\[1\] holds token id -2"),
+    "too long": (lambda p, r: (_set(p, 0, 0, torch.zeros(64, dtype=torch.long)), r), r"prompts\[0\] \+ responses\[0\].*max positions 64"),
+    "B mismatch": (lambda p, r: (p, r[:1]), r"responses has 1 queries but prompts has 2"),
+    "C mismatch": (lambda p, r: ([p[0], p[1][:1]], r), r"prompts\[1\] has 1 entries but prompts\[0\] has 2"),
+    "R mismatch": (lambda p, r: (p, [r[0] + r[0], r[1]]), r"responses\[1\] has 2 entries but responses\[0\] has 4"),
+    "2-D ids": (lambda p, r: (_set(p, 0, 0, torch.zeros(1, 3, dtype=torch.long)), r), r"prompts\[0\]\[0\] must have 1 dimensions"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_names_the_argument(case):
+    mutate, message = BAD_INPUTS[case]
+    prompts, responses = mutate(*_ok())
+    with pytest.raises(ValueError, match=message):
+        logprob_matrix(_LLAMA, prompts, responses)
+    with pytest.raises(ValueError, match=message):
+        sami_backward(_LLAMA, prompts, responses, micro_batch_size=2)
+
+
+def test_bad_arguments():
+    prompts, responses = _ok()
+    with pytest.raises(TypeError, match=r"prompts\[0\]\[0\] must have dtype"):
+        logprob_matrix(_LLAMA, _set(prompts, 0, 0, prompts[0][0].float()), responses)
+    with pytest.raises(ValueError, match="micro_batch_size must be a positive int"):
+        logprob_matrix(_LLAMA, prompts, responses, micro_batch_size=0)
+    with pytest.raises(ValueError, match="micro_batch_size must be a positive int"):
+        sami_backward(_LLAMA, prompts, responses, micro_batch_size=None)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        logprob_matrix(_LLAMA, prompts, responses, pad_token_id=VOCAB)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 2, 2\)"):
+        sami_backward(_LLAMA, prompts, responses, micro_batch_size=2, mask=torch.ones(2, 2, 3, dtype=torch.bool))
+
+
+def test_sami_backward_rejects_rectangular_matrices():
+    prompts, responses = random_problem(torch.Generator().manual_seed(12), B=1, C=2, R=3)
+    assert logprob_matrix(_LLAMA, prompts, responses).shape == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"C == R.*C=2, R=3"):
+        sami_backward(_LLAMA, prompts, responses, micro_batch_size=2)
+
+
+def test_model_without_output_embedding():
+    prompts, responses = _ok()
+    with pytest.raises(ValueError, match="no output embedding"):
+        logprob_matrix(LlamaModel(_LLAMA.config), prompts, responses)
+    with pytest.raises(TypeError, match="model must be a transformers causal LM"):
+        logprob_matrix(object(), prompts, responses)
+
+
+def test_matrix_and_grads_on_both_backends(backend):
+    # The fused head runs through Triton (interpreted here) or PyTorch per SAMI_FAST_BACKEND.
+    prompts, responses = random_problem(torch.Generator().manual_seed(13), B=1, C=2, R=2, response_len=(1, 4))
+    weights = torch.randn(1, 2, 2)
+    torch.testing.assert_close(
+        logprob_matrix(_LLAMA, prompts, responses).detach(), full_sequence_matrix(_LLAMA, prompts, responses).detach(),
+        atol=1e-5, rtol=0,
+    )
+    got = parameter_grads(_LLAMA, lambda: (logprob_matrix(_LLAMA, prompts, responses) * weights).sum())
+    want = parameter_grads(_LLAMA, lambda: (full_sequence_matrix(_LLAMA, prompts, responses) * weights).sum())
+    assert_grads_close(got, want)
