@@ -36,6 +36,7 @@ class CausalLMParts:
     head_weight: torch.Tensor  # (V, D)
     head_bias: torch.Tensor | None
     softcap: float | None
+    temperature: float  # logits are divided by it (Granite's logits_scaling, 1 / Cohere's logit_scale)
     vocab_size: int  # ids valid both as input tokens and as head targets
     max_positions: int | None
     cache_keyword: str  # "cache" (transformers >= 5) or "past_key_values"
@@ -45,6 +46,16 @@ class CausalLMParts:
 def cache_keyword(decoder: torch.nn.Module) -> str:
     """The forward keyword of the KV cache: transformers 5 renamed ``past_key_values`` to ``cache``."""
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _head_temperature(config) -> float:
+    """The factor the causal-LM head divides its logits by; scoring without it would be silently wrong."""
+    temperature = 1.0
+    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
+        temperature *= float(config.logits_scaling)
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        temperature /= float(config.logit_scale)
+    return temperature
 
 
 def causal_lm_parts(model) -> CausalLMParts:
@@ -67,6 +78,7 @@ def causal_lm_parts(model) -> CausalLMParts:
         head_weight=head.weight,
         head_bias=getattr(head, "bias", None),
         softcap=getattr(config, "final_logit_softcapping", None),
+        temperature=_head_temperature(config),
         vocab_size=min(model.get_input_embeddings().num_embeddings, head.weight.shape[0]),
         max_positions=getattr(config, "max_position_embeddings", None),
         cache_keyword=cache_keyword(decoder),
@@ -178,6 +190,7 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
         reduction="mean",
         bias=parts.head_bias,
         softcap=parts.softcap,
+        temperature=parts.temperature,
     )
 
 

@@ -5,7 +5,7 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, LlamaModel
+from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig, LlamaModel
 
 import sami_fast.hf
 from sami_fast import logprob_matrix, sami_backward, sami_loss
@@ -139,6 +139,20 @@ def test_softcapped_sliding_window_model():
     long_prompt = [[torch.randint(0, VOCAB, (30,)), prompts[0][1]]]
     with pytest.raises(ValueError, match="sliding window"):
         logprob_matrix(model, long_prompt, [[torch.arange(5), torch.arange(3)]])
+
+
+@pytest.mark.parametrize("config", [
+    GraniteConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, logits_scaling=4.0),
+    CohereConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, logit_scale=0.25),
+], ids=["granite_logits_scaling", "cohere_logit_scale"])
+def test_models_that_rescale_their_logits(config):
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    prompts, responses = random_problem(torch.Generator().manual_seed(7), B=1, C=2, R=2)
+    torch.testing.assert_close(
+        logprob_matrix(model, prompts, responses), full_sequence_matrix(model, prompts, responses), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("micro_batch_size", [1, 4, 7])
