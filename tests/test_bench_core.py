@@ -58,3 +58,16 @@ def test_cli_rejects_cuda_without_a_gpu(capsys):
         pytest.skip("this machine has a GPU")
     assert main(["bench", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_a_case_this_machine_cannot_run_is_skipped_not_failed(tmp_path):
+    def setup():
+        raise bench.CaseSkipped(f"needs {bench.available_memory_bytes('cpu') * 2} bytes")
+
+    rows = bench.run_cases([bench.Case("probe", "huge", "x", setup), _allocating_case(1024)], "cpu", repeats=1,
+                           log=lambda *_: None)
+    assert "needs" in rows[0]["skipped"] and "error" not in rows[0]
+    assert "skipped" in bench.format_table(rows)
+    path = tmp_path / "r.csv"
+    bench.append_results(str(path), rows, "cpu")
+    assert "huge" not in path.read_text()

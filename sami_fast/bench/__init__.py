@@ -30,6 +30,21 @@ TOPICS = ("mi_loss", "batch_logprobs", "sequence_logprobs", "sami_step")
 RESULT_FIELDS = ("kernel", "provider", "mode", "metric", "x", "y", "device", "date")
 
 
+class CaseSkipped(Exception):
+    """Raised by a case's setup when this machine cannot run it (e.g. not enough memory)."""
+
+
+def available_memory_bytes(device: str) -> int:
+    """Memory a case may still take on ``device``: free GPU memory, or Linux's MemAvailable."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable not found in /proc/meminfo")
+
+
 @dataclass
 class Case:
     kernel: str
@@ -172,6 +187,8 @@ def format_table(rows: list[dict]) -> str:
                 line += ["-", "-"]
             elif "error" in r:
                 line += ["error", "-"]
+            elif "skipped" in r:
+                line += ["skipped", "-"]
             else:
                 line += [f"{r['time_ms']:.2f}", f"{r['peak_mb']:.1f}"]
         lines.append(line)
@@ -189,7 +206,7 @@ def append_results(path: str, rows: list[dict], device: str) -> None:
         if new:
             writer.writerow(RESULT_FIELDS)
         for r in rows:
-            if "error" in r:
+            if "error" in r or "skipped" in r:
                 continue
             for metric in ("time_ms", "peak_mb", "tflops"):
                 if metric in r:
@@ -204,6 +221,9 @@ def run_cases(cases: list[Case], device: str, repeats: int | None = None, log=pr
         try:
             row.update(measure(case, device, repeats))
             log(f"  {case.kernel:<18} {case.provider:<20} {case.x:<28} {row['time_ms']:10.2f} ms {row['peak_mb']:10.1f} MB")
+        except CaseSkipped as reason:
+            row["skipped"] = str(reason)
+            log(f"  {case.kernel:<18} {case.provider:<20} {case.x:<28} skipped: {reason}")
         except Exception as exc:  # keep going: one broken provider must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"
             log(f"  {case.kernel:<18} {case.provider:<20} {case.x:<28} ERROR {row['error']}")

@@ -23,7 +23,7 @@ import functools
 import torch
 
 from sami_fast import logprob_matrix, reference, sami_backward, sami_loss
-from sami_fast.bench import Case
+from sami_fast.bench import Case, CaseSkipped, available_memory_bytes
 from sami_fast.hf import load_smollm2
 
 KERNEL = "sami_step"
@@ -81,9 +81,22 @@ def _original_batch(prompts, responses, pad_id: int):
     return input_ids, attention_mask, label_ids
 
 
+# Peak memory of the original-style step over its fp32 logits alone, measured on CPU at
+# C = R = 2 and 4 (benchmarks/results/sami_step_cpu.md): logits, their float copy, the
+# log-softmax, their gradients and the activations of C*R full sequences.
+_ORIGINAL_PEAK_OVER_LOGITS = 10
+
+
 def _original_step(model, prompts, responses):
     B, C = len(prompts), len(prompts[0])
     input_ids, attention_mask, labels = _original_batch(prompts, responses, pad_id=0)
+    device = input_ids.device.type
+    estimate = _ORIGINAL_PEAK_OVER_LOGITS * input_ids.numel() * model.config.vocab_size * 4
+    if estimate > available_memory_bytes(device):
+        raise CaseSkipped(
+            f"needs ~{estimate / 2**30:.0f} GiB ({_ORIGINAL_PEAK_OVER_LOGITS}x its fp32 logits), "
+            f"{available_memory_bytes(device) / 2**30:.0f} GiB available"
+        )
 
     def run():
         model.zero_grad(set_to_none=True)
