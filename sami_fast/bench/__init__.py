@@ -171,29 +171,43 @@ def device_name(device: str) -> str:
 
 
 # ---------------------------------------------------------------- output
-def format_table(rows: list[dict]) -> str:
-    """Side-by-side table: one line per (kernel, x), one column group per provider."""
+def _kernel_table(rows: list[dict]) -> list[list[str]]:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    groups: dict[tuple, dict] = {}
+    baseline = providers[0]  # each topic lists the original/naive composition first
+    groups: dict[str, dict] = {}
     for r in rows:
-        groups.setdefault((r["kernel"], r["x"]), {})[r["provider"]] = r
-    header = ["kernel", "x"] + [f"{p} {m}" for p in providers for m in ("ms", "MB")]
-    lines = [header]
-    for (kernel, x), by_provider in groups.items():
-        line = [kernel, x]
+        groups.setdefault(r["x"], {})[r["provider"]] = r
+    header = ["x"] + [f"{p} {unit}" for p in providers for unit in ("ms", "MB")]
+    ours = [p for p in providers[1:] if p.startswith("sami_fast")]
+    header += [f"{p} speed-up" for p in ours]
+    lines = [[rows[0]["kernel"]] + [""] * (len(header) - 1), header]
+    for x, by_provider in groups.items():
+        line = [x]
         for p in providers:
-            r = by_provider.get(p)
-            if r is None:
-                line += ["-", "-"]
-            elif "error" in r:
-                line += ["error", "-"]
-            elif "skipped" in r:
-                line += ["skipped", "-"]
-            else:
+            r = by_provider.get(p, {})
+            if "time_ms" in r:
                 line += [f"{r['time_ms']:.2f}", f"{r['peak_mb']:.1f}"]
+            else:
+                line += ["error" if "error" in r else "skipped" if "skipped" in r else "-", "-"]
+        base = by_provider.get(baseline, {})
+        for p in ours:
+            r = by_provider.get(p, {})
+            ok = "time_ms" in r and "time_ms" in base
+            line.append(f"x{base['time_ms'] / r['time_ms']:.2f}" if ok else "-")
         lines.append(line)
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(row, widths)) for row in lines)
+    return lines
+
+
+def format_table(rows: list[dict]) -> str:
+    """Side by side: one table per kernel, a column pair (ms, MB) per provider, and the
+    speed-up of each sami_fast provider over the kernel's first (original) provider."""
+    blocks = []
+    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+        lines = _kernel_table([r for r in rows if r["kernel"] == kernel])
+        widths = [max(len(line[i]) for line in lines[1:]) for i in range(len(lines[1]))]
+        text = [lines[0][0]] + ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines[1:]]
+        blocks.append("\n".join(text))
+    return "\n\n".join(blocks)
 
 
 def append_results(path: str, rows: list[dict], device: str) -> None:
