@@ -6,6 +6,9 @@ Providers:
   gather -> masked mean (``reference.get_batch_logprobs``), holding (rows, V) logits;
 * ``sami_fast``: ``sami_fast.sequence_logprobs`` (Triton on CUDA, the chunked
   PyTorch path on CPU);
+* ``sami_fast_torch`` (CUDA only): the same function forced onto its chunked
+  PyTorch path (cuBLAS matmuls over vocabulary chunks), to compare the two
+  backward strategies -- fused tiles with fp32 atomics vs materialised chunks;
 * ``cut_cross_entropy`` / ``liger``: their fused linear cross-entropy with a
   per-token (reduction="none") output and a masked mean, only when importable.
 
@@ -17,6 +20,8 @@ over 4096 and 16384 rows. ``scored`` is the fraction of rows with a label (SAMI
 prompts are ~80% of the tokens); ``flops`` counts 6 * rows * D * V (2 forward,
 4 backward) for fully scored cases only.
 """
+
+import os
 
 import torch
 
@@ -53,6 +58,18 @@ def _sami_fast(hidden, weight, labels):
     return sequence_logprobs(hidden, weight, labels, check_finite=False)
 
 
+def _sami_fast_torch(hidden, weight, labels):
+    previous = os.environ.get("SAMI_FAST_BACKEND")
+    os.environ["SAMI_FAST_BACKEND"] = "torch"
+    try:
+        return _sami_fast(hidden, weight, labels)
+    finally:
+        if previous is None:
+            del os.environ["SAMI_FAST_BACKEND"]
+        else:
+            os.environ["SAMI_FAST_BACKEND"] = previous
+
+
 def _cut_cross_entropy(hidden, weight, labels):
     from cut_cross_entropy import linear_cross_entropy
 
@@ -82,7 +99,7 @@ def _available(provider):
     return True
 
 
-PROVIDERS = {"naive": _naive, "sami_fast": _sami_fast, "cut_cross_entropy": _cut_cross_entropy, "liger": _liger}
+PROVIDERS = {"naive": _naive, "sami_fast": _sami_fast, "sami_fast_torch": _sami_fast_torch, "cut_cross_entropy": _cut_cross_entropy, "liger": _liger}
 
 
 def _case(provider, device, dtype, batch, seq_len, D, V, scored):
@@ -117,5 +134,5 @@ def cases(device: str, size: str) -> list[Case]:
         _case(provider, device, dtype, batch, seq_len, D, V, scored)
         for batch, seq_len, scored in shapes
         for provider in PROVIDERS
-        if _available(provider)
+        if _available(provider) and (provider != "sami_fast_torch" or device == "cuda")
     ]
