@@ -30,11 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
+from sami_fast.backend import triton_interpreted
+
 # Per-query outputs, in this order along the last axis of the (B, 4) result.
 LOSS, COUNT, ROW_HITS, COLUMN_HITS = range(4)
 
-_SINGLE_TILE_MAX = 128  # largest C kept as one register tile
+_SINGLE_TILE_MAX = 64  # largest C kept as one register tile (128 spills registers on Hopper)
 _TILE = 64  # tile edge of the multi-tile path
+# A larger register tile does not compile usefully on a GPU; the interpreter has no
+# registers, so tests may use one tile to run C = 4096 quickly.
+_MAX_BLOCK = 1024 if triton_interpreted() else _SINGLE_TILE_MAX
 
 
 @triton.jit
@@ -180,6 +185,9 @@ def _mi_loss_kernel(
                 col_max = tl.load(col_max_ptr + cols, mask=in_range, other=float("-inf"))
                 col_sum = tl.load(col_sum_ptr + cols, mask=in_range, other=0.0)
                 col_arg = tl.load(col_arg_ptr + cols, mask=in_range, other=0.0).to(tl.int32)
+                # Every thread holding a replica of these columns must have read them
+                # before the owning thread overwrites them below.
+                tl.debug_barrier()
                 col_max, col_sum, col_arg = _online_lse_argmax(col_max, col_sum, col_arg, x, r0, 0)
                 tl.store(col_max_ptr + cols, col_max, mask=in_range)
                 tl.store(col_sum_ptr + cols, col_sum, mask=in_range)
@@ -233,6 +241,11 @@ def _mi_loss_kernel(
     tl.store(out + 3, col_hits.to(ACC))
 
 
+def tile_warps(block_size: int) -> int:
+    """Warps for a (block_size, block_size) tile: ~512 elements a warp."""
+    return min(8, max(1, block_size * block_size // 512))
+
+
 def mi_loss_kernel(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
                    compute_grad: bool = True, block_size: int | None = None):
     """Per-query table and gradient of the batch SAMI loss of (B, C, C) ``logprobs``.
@@ -249,8 +262,8 @@ def mi_loss_kernel(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
     acc_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     if block_size is None:
         block_size = max(16, triton.next_power_of_2(C)) if C <= _SINGLE_TILE_MAX else _TILE
-    elif block_size < 1 or block_size & (block_size - 1) or block_size > 1024:
-        raise ValueError(f"block_size must be a power of two <= 1024, got {block_size}")
+    elif block_size < 1 or block_size & (block_size - 1) or block_size > _MAX_BLOCK:
+        raise ValueError(f"block_size must be a power of two <= {_MAX_BLOCK}, got {block_size}")
     out = torch.empty((B, 4), dtype=acc_dtype, device=logprobs.device)
     grad = torch.empty((B, C, C), dtype=logprobs.dtype, device=logprobs.device) if compute_grad else None
     scratch = torch.empty((B, 4, C), dtype=acc_dtype, device=logprobs.device) if C > block_size else None
@@ -262,6 +275,6 @@ def mi_loss_kernel(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
     _mi_loss_kernel[(B,)](
         logprobs, mask, num_contributing, grad, out, scratch, C,
         *logprobs.stride(), *mask_strides,
-        BLOCK=block_size, num_warps=min(8, max(1, block_size * block_size // 512)),
+        BLOCK=block_size, num_warps=tile_warps(block_size),
     )
     return out, grad

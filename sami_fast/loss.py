@@ -31,6 +31,7 @@ class _TritonMiLoss(torch.autograd.Function):
         return per_query[:, LOSS].sum().to(logprobs.dtype), per_query
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_per_query):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss, None, None
@@ -61,6 +62,7 @@ class _TorchMiLoss(torch.autograd.Function):
         return per_query[:, LOSS].sum().to(logprobs.dtype), per_query
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_per_query):
         logprobs, mask, row_lse, col_lse, scale = ctx.saved_tensors
         x, valid = _masked_scores(logprobs, mask)
@@ -140,7 +142,8 @@ def sami_loss(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
     ``mi_lower_bound`` (mean over queries of log n - loss). ``check_finite``
     costs one host sync: a NaN/inf loss raises a ValueError naming the cause
     (NaN or +inf in ``logprobs``, -inf on a contributing diagonal entry, or a
-    ``mask`` that leaves nothing). Masked entries are never read into the result,
+    ``mask`` that leaves nothing). ``check_finite=False`` makes the call free of
+    host syncs and leaves those cases to the caller (the loss is then NaN/inf). Masked entries are never read into the result,
     so they may hold anything.
     """
     _validate(logprobs, mask)
@@ -151,11 +154,8 @@ def sami_loss(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
         loss, per_query = _TritonMiLoss.apply(x, m, torch.is_grad_enabled() and x.requires_grad)
     else:
         loss, per_query = _TorchMiLoss.apply(x, m, return_stats)
-    if check_finite:
-        if not bool(torch.isfinite(loss)):
-            _raise_non_finite(loss, x, m, per_query)
-    elif m is not None:
-        _check_some_query_contributes(per_query)
+    if check_finite and not bool(torch.isfinite(loss)):
+        _raise_non_finite(loss, x, m, per_query)
     if not return_stats:
         return loss
     return loss, _stats(per_query)

@@ -8,7 +8,10 @@ TRITON_INTERPRET. Prints one line per kernel configuration; exits 1 on failure.
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -22,6 +25,21 @@ import sami_fast.kernels.logits_logprobs as logits  # noqa: E402
 import sami_fast.kernels.mi_loss as mi  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def spilled_bytes(ptx: str) -> int:
+    """Bytes of register spill stores ptxas reports for the kernel (its -v resource report)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        report = subprocess.run(
+            [get_ptxas(HOPPER.arch).path, "-v", "--gpu-name", "sm_90a", source, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
 
 
 def jit_function(kernel):
@@ -78,7 +96,7 @@ def logits_logprobs_configs():
 
 def mi_loss_configs():
     for dtype in ("bf16", "fp32"):
-        for block, single, has_mask in ((16, True, False), (128, True, True), (64, False, True)):
+        for block, single, has_mask in ((16, True, False), (64, True, True), (64, False, True)):
             yield (f"mi_loss {dtype} BLOCK={block} single_tile={single} mask={has_mask}", mi._mi_loss_kernel,
                    {"x_ptr": f"*{dtype}", "mask_ptr": "*u8" if has_mask else "constexpr",
                     "num_contributing_ptr": "*fp32", "grad_ptr": f"*{dtype}", "out_ptr": "*fp32",
@@ -88,7 +106,7 @@ def mi_loss_configs():
                    {"BLOCK": block, "HAS_MASK": has_mask, "STORE_GRAD": True, "SINGLE_TILE": single,
                     "EVEN_C": False, **({} if has_mask else {"mask_ptr": None}),
                     **({"scratch_ptr": None} if single else {})},
-                   min(8, max(1, block * block // 512)), 1, False)
+                   mi.tile_warps(block), 1, False)
 
 
 def main() -> int:
@@ -101,7 +119,8 @@ def main() -> int:
             ptx = compiled.asm["ptx"]
             if wants_wgmma and "wgmma" not in ptx:
                 raise AssertionError("bf16 tl.dot did not lower to Hopper wgmma")
-            print(f"ok    {name}: {compiled.metadata.shared} B shared memory")
+            spills = spilled_bytes(ptx)
+            print(f"ok    {name}: {compiled.metadata.shared} B shared memory, {spills} B spilled")
         except Exception as exc:  # report every configuration, then fail
             failures += 1
             print(f"FAIL  {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")

@@ -22,3 +22,7 @@ def test_all_kernels_compile_for_sm90():
     for kernel in ("linear_logprobs forward bf16", "linear_logprobs backward bf16", "logits_logprobs forward",
                    "logits_logprobs backward", "mi_loss bf16 BLOCK=64 single_tile=False"):
         assert f"ok    {kernel}" in report, report
+    # The small kernels must keep everything in registers at every configuration they launch with.
+    for line in report.splitlines():
+        if line.startswith(("ok    mi_loss", "ok    logits_logprobs")):
+            assert line.endswith(" 0 B spilled"), line

@@ -275,9 +275,19 @@ def test_bad_input_raises_naming_the_argument(backend, name, make, error, argume
         sami_loss(x, mask)
 
 
-def test_fully_masked_batch_raises_without_the_finite_check(backend):
+def test_fully_masked_batch_raises_with_the_finite_check_only(backend):
+    x, nothing = torch.randn(2, 3, 3), torch.zeros(2, 3, 3, dtype=torch.bool)
     with pytest.raises(ValueError, match="mask"):
-        sami_loss(torch.randn(2, 3, 3), torch.zeros(2, 3, 3, dtype=torch.bool), check_finite=False)
+        sami_loss(x, nothing)
+    # check_finite=False promises no host sync: the caller owns the check.
+    assert not torch.isfinite(sami_loss(x, nothing, check_finite=False))
+
+
+def test_no_second_derivative_is_offered(backend):
+    # The backward is once-differentiable: its result carries no (wrong) graph.
+    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sami_loss(x), x, create_graph=True)
+    assert not grad.requires_grad
 
 
 def test_check_finite_false_skips_the_nan_check(backend):
