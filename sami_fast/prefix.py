@@ -24,7 +24,6 @@ from sami_fast.loss import sami_loss
 from sami_fast.validation import check_tensor
 
 
-
 @dataclass
 class _Pairs:
     """The (B, C, R) problem flattened: pair i = (b, k, j) in row-major order."""
@@ -77,10 +76,14 @@ def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
                 f"{response_max[b]} = {total} exceeds the model's max positions {parts.max_positions}"
             )
     check_sliding_window(parts, max(prompt_max) + max(response_max))
-    pad_id = pad_token_id if pad_token_id is not None else getattr(parts.config, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else pad_id
-    if not isinstance(pad_id, int) or not 0 <= pad_id < parts.vocab_size:
-        raise ValueError(f"pad_token_id must be an id in [0, {parts.vocab_size}), got {pad_id!r}")
+    if pad_token_id is None:
+        # Padding is always masked out, so any valid id serves; configs carry None or -1 too.
+        pad_id = getattr(parts.config, "pad_token_id", None)
+        pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < parts.vocab_size else 0
+    elif isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < parts.vocab_size:
+        raise ValueError(f"pad_token_id must be an id in [0, {parts.vocab_size}), got {pad_token_id!r}")
+    else:
+        pad_id = pad_token_id
     device = parts.head_weight.device
     b, k, j = torch.meshgrid(torch.arange(B), torch.arange(C), torch.arange(R), indexing="ij")
     return _Pairs(

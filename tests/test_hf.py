@@ -181,6 +181,54 @@ def test_pad_token_does_not_change_scores():
         )
 
 
+def test_invalid_pad_token_in_the_config_falls_back():
+    # Old Llama configs carry pad_token_id = -1; padding is masked, so any valid id serves.
+    model = tiny_llama()
+    prompts, responses = random_problem(torch.Generator().manual_seed(5), B=2, C=2, R=2)
+    with torch.no_grad():
+        expected = logprob_matrix(model, prompts, responses, pad_token_id=3)
+        model.config.pad_token_id = -1
+        torch.testing.assert_close(logprob_matrix(model, prompts, responses), expected, atol=1e-6, rtol=0)
+        sami_backward(model, prompts, responses, micro_batch_size=2)
+
+
+def _decoder_batches(model, run):
+    """The batch sizes (sequences, tokens) of every decoder forward that ``run()`` makes."""
+    calls = []
+    handle = model.base_model.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
+def test_one_forward_for_all_prompts_and_one_for_all_responses():
+    B, C, R = 2, 3, 2
+    prompts, responses = random_problem(torch.Generator().manual_seed(9), B, C, R)
+    calls = _decoder_batches(_LLAMA, lambda: logprob_matrix(_LLAMA, prompts, responses))
+    longest_prompt = max(len(p) for group in prompts for p in group)
+    longest_response = max(len(r) for group in responses for r in group)
+    # Each prompt runs once; each response runs without its last token (it predicts nothing).
+    assert calls == [(B * C, longest_prompt), (B * C * R, longest_response - 1)]
+
+
+@pytest.mark.parametrize("micro_batch_size", [2, 3])
+def test_sami_backward_never_runs_more_than_a_chunk(micro_batch_size):
+    # Constant memory: every forward of the gradient cache holds at most one chunk of pairs
+    # (and the prompts that chunk needs), however large C*R is.
+    B, C = 1, 4
+    prompts, responses = random_problem(torch.Generator().manual_seed(10), B, C, C)
+    calls = _decoder_batches(
+        _LLAMA, lambda: sami_backward(_LLAMA, prompts, responses, micro_batch_size=micro_batch_size)
+    )
+    assert calls and max(sequences for sequences, _ in calls) <= micro_batch_size
+    scored_pairs = sum(n for n, _ in calls[1::2])  # prompt pass, response pass, ... per chunk
+    assert scored_pairs == 2 * B * C * C  # every pair once without a graph and once with
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("micro_batch_size", [1, 5, 18])
 def test_sami_backward_matches_full_backward(arch, micro_batch_size):
