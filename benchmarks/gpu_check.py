@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per benchmark case")
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="wall-clock budget; later steps are skipped once it is spent (default 450 s)")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 matrix peak of the GPU for the achieved fraction (H100/H200 SXM: 989)")
     parser.add_argument("--skip-checks", action="store_true", help="only the timing table")
     parser.add_argument("--skip-bench", action="store_true", help="only the correctness checks")
     parser.add_argument("--cpu-dry-run", action="store_true",
@@ -92,6 +94,8 @@ def _grads(fn, leaves, dtype, upstream, *args, **kwargs):
 
 # ---------------------------------------------------------------- correctness
 TINY = dict(B=2, T=9, V=37, D=8, C=4)  # shapes of --cpu-dry-run
+
+
 def _synchronize(device):
     import torch
 
@@ -167,8 +171,12 @@ def run_checks(sf, device, deadline):
          dict(B=1, T=257, V=50001, D=1000, dtype=torch.float32, softcap=20.0, use_bias=True)),
         ("sequence_logprobs bf16 V=262144 B=1 T=257", check_sequence_logprobs,
          dict(B=1, T=257, V=262144, D=4096, dtype=torch.bfloat16)),
+        # V * D > 2^31: weight offsets need 64-bit arithmetic.
+        ("sequence_logprobs bf16 V=262144 D=8192 B=1 T=65 (int64 offsets)", check_sequence_logprobs,
+         dict(B=1, T=65, V=262144, D=8192, dtype=torch.bfloat16)),
         ("sami_loss fp32 B=512 C=16", check_sami_loss, dict(B=512, C=16, dtype=torch.float32)),
         ("sami_loss bf16 B=512 C=16", check_sami_loss, dict(B=512, C=16, dtype=torch.bfloat16)),
+        ("sami_loss fp32 B=2 C=4096 (tiled path)", check_sami_loss, dict(B=2, C=4096, dtype=torch.float32)),
     ]
     results = []
     for title, check, kwargs in checks:
@@ -213,6 +221,28 @@ def run_bench(args, deadline):
     return rows
 
 
+def print_bars(rows, peak_tflops):
+    """The issue's GPU bars per shape: time <= best peer, memory <= best peer + 10%, fraction of peak."""
+    peers = ("naive", "cut_cross_entropy", "liger")
+    by_shape = {}
+    for r in rows:
+        if "time_ms" in r:
+            by_shape.setdefault((r["kernel"], r["x"]), {})[r["provider"]] = r
+    for (kernel, x), by_provider in by_shape.items():
+        ours = by_provider.get("sami_fast")
+        measured_peers = [by_provider[p] for p in peers if p in by_provider and p != "naive"] or \
+            [by_provider[p] for p in peers if p in by_provider]
+        if ours is None or not measured_peers:
+            continue
+        fastest = min(measured_peers, key=lambda r: r["time_ms"])
+        leanest = min(measured_peers, key=lambda r: r["peak_mb"])
+        fraction = f", {ours['tflops']:.0f} TFLOP/s = {ours['tflops'] / peak_tflops:.0%} of peak" if "tflops" in ours else ""
+        print(f"  {kernel} {x}: time {ours['time_ms']:.2f} ms vs best peer {fastest['provider']} "
+              f"{fastest['time_ms']:.2f} ms ({'OK' if ours['time_ms'] <= fastest['time_ms'] else 'SLOWER'}); "
+              f"memory {ours['peak_mb']:.0f} MB vs {leanest['provider']} {leanest['peak_mb']:.0f} MB "
+              f"({'OK' if ours['peak_mb'] <= 1.1 * leanest['peak_mb'] else 'OVER'}){fraction}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -241,6 +271,8 @@ def main(argv=None):
         rows = run_bench(args, deadline)
         print()
         print(bench.format_table(rows))
+        print("\n== bars (vs the best peer measured in this run)")
+        print_bars(rows, args.peak_tflops)
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             bench.append_results(args.out, rows, "cuda")

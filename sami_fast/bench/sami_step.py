@@ -10,10 +10,12 @@ Providers, on the same model and data:
 * ``sami_fast_gradcache``: ``sami_backward`` with one prompt's R responses per
   chunk (``micro_batch_size = R``): peak memory independent of C.
 
-Sizes: "full" is the real SmolLM2-135M-Instruct (fp32), prompts ~256 and
-responses ~48 tokens, C = R in {2, 4, 8} (and 16 for the gradient cache).
+Sizes: on CPU "full" is the real SmolLM2-135M-Instruct (fp32), prompts ~256 and
+responses ~48 tokens, C = R in {2, 4, 8} (and 16 for the gradient cache);
 "small" keeps SmolLM2's widths and vocabulary but 2 random-weight layers,
 prompts ~128 and responses ~24 tokens, C = R in {2, 4}: quick enough for CPU.
+On CUDA the model is Llama-3-8B's architecture in bf16 with random weights
+(all 32 layers for "full", 2 for "small"): real shapes without a download.
 Each case's ``notes["ideal_speedup"]`` is the token-count ratio
 C*R*(Lp+Lr) / (C*Lp + C*R*Lr) that sharing the prompts can at most give.
 """
@@ -34,19 +36,37 @@ SIZES = {
 }
 
 
+# Llama-3-8B's architecture; GPU runs use it with random weights (no download there).
+_LLAMA3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+)
+# SmolLM2-135M's architecture.
+_SMOLLM2 = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+)
+
+
+def _random_llama(shape: dict, layers: int, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers})
+    with torch.device(device):  # initialise on the target device: an 8B model inits in seconds there
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 @functools.lru_cache(maxsize=2)
 def _model(size: str, device: str):
-    if size == "full":
+    """CPU: SmolLM2-135M (real weights, fp32) or 2 of its layers. CUDA: Llama-3-8B (random, bf16) or 2 layers."""
+    if device == "cuda":
+        layers = _LLAMA3_8B["num_hidden_layers"] if size == "full" else 2
+        model = _random_llama(_LLAMA3_8B, layers, torch.bfloat16, device)
+    elif size == "full":
         model, _ = load_smollm2(torch.float32)
     else:
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        torch.manual_seed(0)
-        config = LlamaConfig(  # SmolLM2-135M's shapes, 2 of its 30 layers
-            hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
-            num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-        )
-        model = AutoModelForCausalLM.from_config(config)
+        model = _random_llama(_SMOLLM2, 2, torch.float32, device)
     return model.to(device).eval()
 
 
