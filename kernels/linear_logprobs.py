@@ -24,7 +24,12 @@ g_i and p_iv = exp(z_iv - lse_i),
 
 One program per (row block, vocabulary block) tile recomputes its logits from the
 saved fp32 LSE, forms the d s tile in fp32 and adds its contributions to fp32
-d_rows and d_weight with atomics, one D block at a time. Why this design rather
+d_rows and d_weight with atomics, one D block at a time. fp16 tensor-core
+operands do not carry g_i, which would flush g_i d s_iv to zero for the ~1e-5
+per-token gradients of SAMI: d h_i = g_i (sum_v (d s_iv / g_i) w_v) scales the
+fp32 product, and d w_v = max|g| sum_i (d s_iv / g_i) (g_i / max|g|) h_i scales
+the rows operand by weights in [-1, 1] (bf16 has fp32's range: one operand
+d s serves both products). Why this design rather
 than one kernel per output: at D = 4096 neither a row block's d_rows nor a
 vocabulary block's d_weight fits in registers, so a kernel that owned either
 output would have to recompute every logit tile once per D block (D / BLOCK_K
@@ -34,9 +39,10 @@ the atomics add (BLOCK_M + BLOCK_N) * D fp32 values per tile against
 avoids the bf16-accumulation error of fused losses that add into bf16 buffers.
 
 Under TRITON_INTERPRET=1 (CPU) bf16 tl.dot is wrong, so the launchers set
-DOT_FP32 to upcast the operands; on the GPU fp32 inputs also take that path
-(exact fp32 products rather than tf32) and bf16/fp16 inputs use the tensor
-cores with fp32 accumulation.
+DOT_FP32 for bf16 to upcast the operands (fp16 keeps its tensor-core path, which
+the interpreter computes correctly); fp32 inputs also take that path (exact fp32
+products rather than tf32) and bf16/fp16 inputs on the GPU use the tensor cores
+with fp32 accumulation.
 """
 
 import torch
@@ -150,11 +156,16 @@ def _linear_logprobs_kernel(
         target_logit += tl.sum(tl.where(offs_n[None, :] == targets[:, None], z, 0.0), axis=1)
         z = tl.where(col_in[None, :], z, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        # While every logit so far is -inf (a -inf bias bans tokens) the max is -inf
+        # and exp(-inf - -inf) would be NaN: shift by 0 instead, exp(-inf) = 0.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         running_max = new_max
 
-    # A split past the last vocabulary block is empty: its partial LSE is -inf
-    # (the clamp only keeps log(0) out of it; a non-empty split has running_sum >= 1).
+    # A split whose logits are all -inf (past the last vocabulary block, or banned)
+    # keeps running_max = -inf: its partial LSE is -inf, which the launcher's
+    # logsumexp merge ignores. The clamp only keeps log(0) out of it: with a finite
+    # max, running_sum >= 1.
     partial_lse = running_max + tl.log(tl.maximum(running_sum, 1.0))
     tl.store(partial_lse_ptr + split * M + offs_m, partial_lse, mask=row_in)
     # Exactly one split holds each target, so this store never races.
@@ -171,13 +182,16 @@ def _vocab_splits(n_row_blocks: int, V: int, device: torch.device) -> int:
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
-    return _INTERPRETED or dtype in (torch.float32, torch.float64)
+    # The interpreter's fp16 tl.dot is right (only bf16 is broken), so the CPU tests
+    # run the fp16 tensor-core path.
+    return dtype in (torch.float32, torch.float64) or (_INTERPRETED and dtype == torch.bfloat16)
 
 
 def linear_logprobs_kernel(rows, weight, targets, bias=None, softcap=None, temperature=1.0):
     """(log p(target) (M,), lse (M,)) in fp32 for contiguous ``rows`` (M, D), ``weight`` (V, D).
 
     Every target must lie in [0, V): the caller drops ignored rows beforehand.
+    Logits may be -inf (a -inf bias bans tokens) except at the targets.
     """
     M, D = rows.shape
     V = weight.shape[0]
@@ -196,6 +210,17 @@ def linear_logprobs_kernel(rows, weight, targets, bias=None, softcap=None, tempe
     return target_logit - lse, lse
 
 
+def _zero_gradients(kwargs, reset_only=False):
+    """Autotuning reruns the kernel and its outputs accumulate: zero them before each run.
+
+    A pre_hook rather than ``reset_to_zero``, which older autotuners apply to the
+    gradients that are not computed (None) too.
+    """
+    for name in ("d_rows_ptr", "d_weight_ptr", "d_bias_ptr"):
+        if kwargs[name] is not None:
+            kwargs[name].zero_()
+
+
 @triton.autotune(
     configs=_configs([
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -203,8 +228,7 @@ def linear_logprobs_kernel(rows, weight, targets, bias=None, softcap=None, tempe
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ]),
     key=["V", "D", "DOT_FP32"],
-    # Autotuning reruns the kernel; its outputs are accumulated, so zero them between runs.
-    reset_to_zero=["d_rows_ptr", "d_weight_ptr", "d_bias_ptr"],
+    pre_hook=_zero_gradients,
 )
 @triton.heuristics({
     **_HEURISTICS,
@@ -248,20 +272,28 @@ def _linear_logprobs_backward_kernel(
         z = s * inv_temperature
     targets = tl.load(targets_ptr + rows_m)
     lse = tl.load(lse_ptr + rows_m)
-    grad = tl.load(grad_ptr + rows_m)
+    grad = tl.where(row_in, tl.load(grad_ptr + rows_m), 0.0)
     onehot = (offs_n[None, :] == targets[:, None]).to(tl.float32)
-    ds = grad[:, None] * (onehot - tl.exp(z - lse[:, None])) * inv_temperature
+    ds_unit = (onehot - tl.exp(z - lse[:, None])) * inv_temperature  # d s_iv / g_i
     if HAS_SOFTCAP:
-        ds = ds * (1.0 - t * t)
+        ds_unit = ds_unit * (1.0 - t * t)
     # Wrapped (duplicate) rows and columns must add nothing.
-    ds = tl.where(row_in[:, None] & col_in[None, :], ds, 0.0)
+    ds_unit = tl.where(row_in[:, None] & col_in[None, :], ds_unit, 0.0)
 
     if HAS_D_BIAS:
-        tl.atomic_add(d_bias_ptr + offs_n, tl.sum(ds, axis=0), mask=col_in)
-    if DOT_FP32:
-        ds_operand = ds
+        tl.atomic_add(d_bias_ptr + offs_n, tl.sum(ds_unit * grad[:, None], axis=0), mask=col_in)
+    # fp16 would flush g_i d s_iv to zero for SAMI's ~1e-5 per-token gradients: g goes onto
+    # the fp32 products instead (module docstring). bf16 has fp32's range: one operand serves both dots.
+    GRAD_AFTER_DOT: tl.constexpr = rows_ptr.dtype.element_ty == tl.float16
+    if GRAD_AFTER_DOT:
+        ds_operand = ds_unit.to(tl.float16)
+        grad_max = tl.max(tl.abs(grad), axis=0)
+        grad_max = tl.where(grad_max > 0.0, grad_max, 1.0)
+        row_weights = grad / grad_max
+    elif DOT_FP32:
+        ds_operand = ds_unit * grad[:, None]
     else:  # tensor-core operand in the input dtype; the products still accumulate in fp32
-        ds_operand = ds.to(weight_ptr.dtype.element_ty)
+        ds_operand = (ds_unit * grad[:, None]).to(rows_ptr.dtype.element_ty)
     offs_k = tl.arange(0, BLOCK_K)
     row_offsets = offs_m[:, None].to(tl.int64) * D + offs_k[None, :]
     weight_offsets = offs_n[:, None].to(tl.int64) * D + offs_k[None, :]
@@ -275,13 +307,19 @@ def _linear_logprobs_backward_kernel(
             else:
                 w = tl.load(weight_ptrs, mask=in_d, other=0.0)
             d_rows = _dot(ds_operand, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
+            if GRAD_AFTER_DOT:
+                d_rows = d_rows * grad[:, None]
             tl.atomic_add(d_rows_ptr + row_offsets, d_rows, mask=row_in[:, None] & in_d)
         if HAS_D_WEIGHT:
             if EVEN_D:
                 h = tl.load(row_ptrs)
             else:
                 h = tl.load(row_ptrs, mask=in_d, other=0.0)
+            if GRAD_AFTER_DOT:
+                h = (h.to(tl.float32) * row_weights[:, None]).to(tl.float16)
             d_weight = _dot(tl.trans(ds_operand), h, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32)
+            if GRAD_AFTER_DOT:
+                d_weight = d_weight * grad_max
             tl.atomic_add(d_weight_ptr + weight_offsets, d_weight, mask=col_in[:, None] & in_d)
         row_offsets += BLOCK_K
         weight_offsets += BLOCK_K

@@ -9,7 +9,8 @@ logits, no fp32 copy); the backward writes, with upstream gradient g_i,
 
     dz_iv = g_i · ([v == t_i] - exp(z_iv - lse_i))                 (0 on ignored rows)
 
-straight into a tensor of the logits' dtype. One program per row.
+straight into a tensor of the logits' dtype. One program per row. Logits may be
+-inf (a vocabulary mask) anywhere but at the target.
 """
 
 import triton
@@ -44,7 +45,10 @@ def _logits_logprobs_forward_kernel(
         else:
             z = tl.load(row_ptr + offsets, mask=offsets < V, other=-float("inf")).to(tl.float32)
         new_max = tl.maximum(running_max, tl.max(z, axis=0))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        # While every logit so far is -inf (a banned-token mask) the max is -inf and
+        # exp(-inf - -inf) would be NaN: shift by 0 instead, exp(-inf) = 0.
+        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
         running_max = new_max
     lse = running_max + tl.log(running_sum)
     tl.store(lse_ptr + row, lse)

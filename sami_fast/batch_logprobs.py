@@ -12,17 +12,21 @@ import torch
 from sami_fast import chunked
 from sami_fast.backend import use_triton
 from sami_fast.kernels.logits_logprobs import logits_logprobs_backward_kernel, logits_logprobs_forward_kernel
-from sami_fast.validation import check_finite_result, check_float, check_tensor
+from sami_fast.validation import (
+    LABEL_DTYPES, check_every_sequence_scored, check_finite_result, check_float, check_tensor, scored_targets_mask,
+)
 
 
 class _LogitsTokenLogprobs(torch.autograd.Function):
-    """Per-row log p(target) (N,) fp32 of held logits (N, V); 0 where ignored."""
+    """Per-row log p(target) (N,) fp32 (fp64 for fp64) of held logits (N, V); 0 where ignored."""
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index):
-        ctx.triton = use_triton(logits, targets)
+        # The kernels compute in fp32: fp64 logits take the torch path, which keeps fp64.
+        ctx.triton = logits.dtype != torch.float64 and use_triton(logits, targets)
         forward = logits_logprobs_forward_kernel if ctx.triton else chunked.logits_logprobs_forward
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         out = torch.empty_like(lse)
         forward(logits, targets, lse, out, ignore_index)
         ctx.save_for_backward(logits, targets, lse)
@@ -43,12 +47,14 @@ def get_batch_logprobs(logits, labels, ignore_idx=-100, *, check_finite=True):
     """Mean log-prob of ``labels[:, 1:]`` under ``logits[:, :-1]`` over non-ignored positions.
 
     logits (B, T, V) float, labels (B, T) integer; returns (B,) in the logits' dtype,
-    differentiable w.r.t. ``logits``. Raises ValueError for a sequence with no scored
-    token (the original returns NaN there) or a label outside [0, V) other than
-    ``ignore_idx``; with ``check_finite`` also when the result is NaN or inf.
+    differentiable w.r.t. ``logits``. fp64 logits run the torch path on every backend
+    (the kernels compute in fp32). Logits may be -inf (a vocabulary mask) except at
+    a scored label. Raises ValueError for a sequence with no scored token (the
+    original returns NaN there) or a label outside [0, V) other than ``ignore_idx``;
+    with ``check_finite`` also when the result is NaN or inf.
     """
     check_float("logits", logits, dims=(3,))
-    check_tensor("labels", labels, dims=(2,), dtypes=(torch.int64, torch.int32))
+    check_tensor("labels", labels, dims=(2,), dtypes=LABEL_DTYPES)
     B, T, V = logits.shape
     if tuple(labels.shape) != (B, T):
         raise ValueError(
@@ -57,13 +63,8 @@ def get_batch_logprobs(logits, labels, ignore_idx=-100, *, check_finite=True):
     if labels.device != logits.device:
         raise ValueError(f"labels must be on the logits' device {logits.device}, got {labels.device}")
     scored_labels = labels[:, 1:].long()
-    scored = scored_labels != ignore_idx
-    if bool((scored & ((scored_labels < 0) | (scored_labels >= V))).any()):
-        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_idx={ignore_idx}")
-    count = scored.sum(dim=1)
-    if bool((count == 0).any()):
-        empty = (count == 0).nonzero().flatten().tolist()
-        raise ValueError(f"labels has no scored token (all {ignore_idx} after the first) in sequences {empty}")
+    count = scored_targets_mask("labels", scored_labels, V, ignore_idx, "ignore_idx").sum(dim=1)
+    check_every_sequence_scored("labels", count)
     # Row (b, t) of the flattened logits predicts labels[b, t + 1]; the last position predicts nothing.
     targets = torch.full((B, T), ignore_idx, dtype=torch.int64, device=labels.device)
     targets[:, :-1] = scored_labels

@@ -22,7 +22,7 @@ the torch path of ``sami_fast.get_batch_logprobs``.
 
 import torch
 
-from sami_fast.validation import check_float, check_tensor
+from sami_fast.validation import check_float, check_positive, check_tensor, scored_targets_mask
 
 # A chunk of logits holds about this many fp32 elements: 64 MiB, large enough that
 # the rank-chunk update of dW is compute-bound rather than bound by streaming dW.
@@ -43,67 +43,59 @@ def logsumexp_and_pick_(z: torch.Tensor, targets: torch.Tensor):
     return lse, picked
 
 
-def onehot_minus_softmax_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor):
-    """In place, ``z <- scale[:, None] * (onehot(targets) - softmax(z))`` given its row ``lse``."""
+def onehot_minus_softmax_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor):
+    """In place, ``z <- onehot(targets) - softmax(z)`` given its row ``lse``."""
     z.sub_(lse.unsqueeze(1)).exp_().neg_()
     rows = torch.arange(z.shape[0], device=z.device)
-    z.index_put_((rows, targets), torch.ones((), dtype=z.dtype, device=z.device), accumulate=True)
-    return z.mul_(scale.unsqueeze(1))
+    return z.index_put_((rows, targets), torch.ones((), dtype=z.dtype, device=z.device), accumulate=True)
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log p(target) of rows whose targets all lie in [0, V)."""
+
     @staticmethod
-    def forward(ctx, rows, weight, targets, bias, softcap, temperature, ignore_index, chunk_rows):
-        scored = (targets != ignore_index).nonzero().squeeze(1)
-        all_scored = scored.numel() == targets.numel()
-        x = rows if all_scored else rows.index_select(0, scored)
-        t = targets if all_scored else targets.index_select(0, scored)
-        chunk_rows = min(chunk_rows, max(1, x.shape[0]))
+    def forward(ctx, rows, weight, targets, bias, softcap, temperature, chunk_rows):
+        chunk_rows = min(chunk_rows, max(1, rows.shape[0]))
         head = _Head(weight, bias, softcap, temperature, chunk_rows)
-        lse = torch.empty(x.shape[0], dtype=head.z.dtype, device=rows.device)
+        lse = torch.empty(rows.shape[0], dtype=head.z.dtype, device=rows.device)
         picked = torch.empty_like(lse)
-        for start in range(0, x.shape[0], chunk_rows):
-            end = min(start + chunk_rows, x.shape[0])
-            z, _ = head.logits(x[start:end])
-            lse[start:end], picked[start:end] = logsumexp_and_pick_(z, t[start:end])
-        out = torch.zeros(targets.shape[0], dtype=lse.dtype, device=rows.device)
-        out.index_copy_(0, scored, picked - lse)
-        ctx.save_for_backward(rows, weight, bias, targets, scored, lse)
-        ctx.setup = (softcap, temperature, chunk_rows, all_scored)
-        return out
+        for start in range(0, rows.shape[0], chunk_rows):
+            end = min(start + chunk_rows, rows.shape[0])
+            z, _ = head.logits(rows[start:end])
+            lse[start:end], picked[start:end] = logsumexp_and_pick_(z, targets[start:end])
+        ctx.save_for_backward(rows, weight, bias, targets, lse)
+        ctx.setup = (softcap, temperature, chunk_rows)
+        return picked - lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        rows, weight, bias, targets, scored, lse = ctx.saved_tensors
-        softcap, temperature, chunk_rows, all_scored = ctx.setup
+        rows, weight, bias, targets, lse = ctx.saved_tensors
+        softcap, temperature, chunk_rows = ctx.setup
         need_rows, need_weight, _, need_bias = ctx.needs_input_grad[:4]
-        x = rows if all_scored else rows.index_select(0, scored)
-        t = targets if all_scored else targets.index_select(0, scored)
         head = _Head(weight, bias, softcap, temperature, chunk_rows)
-        g = grad_out.to(lse.dtype)
-        g = g if all_scored else g.index_select(0, scored)
-        d_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_rows else None
+        # Each row's du carries g / temperature, applied after the matmul with W: in an
+        # fp16 operand g * du would flush to zero for per-token g ~ 1e-5.
+        row_scale = grad_out.to(lse.dtype).div(temperature).unsqueeze(1)
+        d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if need_rows else None
         d_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
         d_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
-        for start in range(0, x.shape[0], chunk_rows):
-            end = min(start + chunk_rows, x.shape[0])
-            z, tanh = head.logits(x[start:end])
-            du = onehot_minus_softmax_(z, t[start:end], lse[start:end], g[start:end] / temperature)
+        for start in range(0, rows.shape[0], chunk_rows):
+            end = min(start + chunk_rows, rows.shape[0])
+            z, tanh = head.logits(rows[start:end])
+            du = onehot_minus_softmax_(z, targets[start:end], lse[start:end])
             if tanh is not None:
                 du.mul_(tanh.square_().neg_().add_(1.0))
             if need_rows:
-                torch.mm(head.low(du), weight, out=d_x[start:end])
+                torch.mul(torch.mm(head.low(du), weight), row_scale[start:end], out=d_rows[start:end])
+            du.mul_(row_scale[start:end])
             if need_weight:
-                d_weight.addmm_(du.t(), x[start:end].to(du.dtype))
+                d_weight.addmm_(du.t(), rows[start:end].to(du.dtype))
             if need_bias:
                 d_bias.add_(du.sum(dim=0))
-        d_rows = None
-        if need_rows:
-            d_rows = d_x if all_scored else torch.zeros_like(rows).index_copy_(0, scored, d_x)
         d_weight = d_weight.to(weight.dtype) if need_weight else None
         d_bias = d_bias.to(bias.dtype) if need_bias else None
-        return d_rows, d_weight, None, d_bias, None, None, None, None
+        return d_rows, d_weight, None, d_bias, None, None, None
 
 
 class _Head:
@@ -172,25 +164,29 @@ def chunked_token_logprobs(
         check_float("bias", bias, dims=(1,))
         if bias.shape[0] != vocab:
             raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if chunk_rows is None:
-        chunk_rows = default_chunk_rows(vocab)
-    elif not isinstance(chunk_rows, int) or chunk_rows < 1:
+    check_positive("softcap", softcap, allow_none=True)
+    check_positive("temperature", temperature)
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bool(out_of_range.any()):
-        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
-    return _ChunkedTokenLogprobs.apply(
-        rows, weight, targets, bias, softcap, float(temperature), ignore_index, chunk_rows
-    )
+    scored = scored_targets_mask("targets", targets, vocab, ignore_index).nonzero().squeeze(1)
+    if scored.numel() == targets.numel():
+        return scored_token_logprobs(rows, weight, targets, bias, softcap, temperature, chunk_rows)
+    per_row = scored_token_logprobs(rows.index_select(0, scored), weight, targets.index_select(0, scored),
+                                    bias, softcap, temperature, chunk_rows)
+    return per_row.new_zeros(targets.shape[0]).index_copy(0, scored, per_row)
+
+
+def scored_token_logprobs(rows, weight, targets, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
+    """``chunked_token_logprobs`` without its checks, for callers that validated their inputs
+    and kept only scored rows: every target lies in [0, V)."""
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    return _ChunkedTokenLogprobs.apply(rows, weight, targets, bias, softcap, float(temperature), chunk_rows)
 
 
 def logits_logprobs_forward(logits, targets, lse, out, ignore_index, chunk_rows=None):
     """Torch twin of ``kernels.logits_logprobs.logits_logprobs_forward_kernel``: fill ``lse``
-    and ``out`` (N,) fp32 from held ``logits`` (N, V), a chunk of scored rows at a time in fp32."""
+    and ``out`` (N,) from held ``logits`` (N, V), a chunk of scored rows at a time in fp32
+    (fp64 for fp64 logits, with fp64 ``lse`` and ``out``)."""
     scored = (targets != ignore_index).nonzero().squeeze(1)
     lse.zero_()
     out.zero_()
@@ -206,20 +202,21 @@ def logits_logprobs_backward(logits, targets, lse, grad_out, grad_logits, ignore
     scored = (targets != ignore_index).nonzero().squeeze(1)
     grad_logits.zero_()
     for index, z in _scored_chunks(logits, scored, chunk_rows):
-        du = onehot_minus_softmax_(z, targets.index_select(0, index), lse.index_select(0, index),
-                                   grad_out.index_select(0, index).float())
+        du = onehot_minus_softmax_(z, targets.index_select(0, index), lse.index_select(0, index))
+        du.mul_(grad_out.index_select(0, index).to(du.dtype).unsqueeze(1))
         grad_logits.index_copy_(0, index, du.to(grad_logits.dtype))
 
 
 def _scored_chunks(logits, scored, chunk_rows):
-    """(row indices, their logits in fp32) for chunks of the ``scored`` rows, in one reused buffer."""
+    """(row indices, their logits in fp32 or fp64) for chunks of the ``scored`` rows, in one reused buffer."""
     chunk_rows = chunk_rows or default_chunk_rows(logits.shape[1], LOGITS_CHUNK_ELEMENTS)
     chunk_rows = min(chunk_rows, max(1, scored.numel()))
-    buffer = torch.empty((chunk_rows, logits.shape[1]), dtype=torch.float32, device=logits.device)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    buffer = torch.empty((chunk_rows, logits.shape[1]), dtype=dtype, device=logits.device)
     for start in range(0, scored.numel(), chunk_rows):
         index = scored[start:start + chunk_rows]
         z = buffer[: index.numel()]
-        if logits.dtype == torch.float32:
+        if logits.dtype == dtype:
             torch.index_select(logits, 0, index, out=z)
         else:
             z.copy_(logits.index_select(0, index))

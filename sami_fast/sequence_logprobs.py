@@ -11,11 +11,13 @@ gradient (the MI loss gives every sequence a different one).
 import torch
 
 from sami_fast.backend import use_triton
-from sami_fast.chunked import chunked_token_logprobs
-from sami_fast.validation import check_finite_result, check_float, check_tensor
+from sami_fast.chunked import scored_token_logprobs
+from sami_fast.validation import (
+    LABEL_DTYPES, check_every_sequence_scored, check_finite_result, check_float, check_positive, check_tensor,
+    scored_targets_mask,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
-_LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -27,7 +29,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
         logp, lse = linear_logprobs_kernel(rows, weight, targets, bias, softcap, temperature)
         ctx.save_for_backward(rows, weight, bias, targets, lse)
-        ctx.head = (softcap, temperature)
+        ctx.logit_transform = (softcap, temperature)
         return logp
 
     @staticmethod
@@ -36,7 +38,7 @@ class _LinearLogprobs(torch.autograd.Function):
         from sami_fast.kernels.linear_logprobs import linear_logprobs_backward_kernel
 
         rows, weight, bias, targets, lse = ctx.saved_tensors
-        softcap, temperature = ctx.head
+        softcap, temperature = ctx.logit_transform
         need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_rows, d_weight, d_bias = linear_logprobs_backward_kernel(
             rows, weight, targets, lse, grad_logp.float().contiguous(), bias, softcap, temperature,
@@ -50,17 +52,8 @@ class _LinearLogprobs(torch.autograd.Function):
         )
 
 
-def _check_positive(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-
-
 def _check_cu_seqlens(cu_seqlens, n_rows, device):
-    check_tensor("cu_seqlens", cu_seqlens, dims=(1,), dtypes=_LABEL_DTYPES)
+    check_tensor("cu_seqlens", cu_seqlens, dims=(1,), dtypes=LABEL_DTYPES)
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on {device}, got {cu_seqlens.device}")
     if cu_seqlens.numel() < 2:
@@ -76,7 +69,7 @@ def _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, 
     packed = cu_seqlens is not None
     check_float("hidden", hidden, dims=(2,) if packed else (3,))
     check_float("weight", weight, dims=(2,))
-    check_tensor("labels", labels, dims=(1,) if packed else (2,), dtypes=_LABEL_DTYPES)
+    check_tensor("labels", labels, dims=(1,) if packed else (2,), dtypes=LABEL_DTYPES)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if weight.shape[1] != hidden.shape[-1]:
@@ -96,8 +89,8 @@ def _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, 
         _check_cu_seqlens(cu_seqlens, hidden.shape[0], hidden.device)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    _check_positive("temperature", temperature)
-    _check_positive("softcap", softcap, allow_none=True)
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, allow_none=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
@@ -142,42 +135,34 @@ def sequence_logprobs(
     reduction: "mean" (B,) mean over scored tokens (the SAMI score; every
     sequence needs a scored token), "sum" (B,), or "none": per-position fp32
     log-probs, 0 where nothing is scored, of shape (B, T-1) for padded input with
-    ``shift=True``, (B, T) without, (N,) packed. The result is fp32 whatever the
-    input dtype (bf16 inputs, fp32 accumulation). Differentiable w.r.t. hidden,
-    weight and bias; gradients have their input's dtype. ``check_finite=False``
-    skips the host sync that rejects a NaN/inf result (input checks still sync).
+    ``shift=True``, (B, T) without, (N,) packed. The result is fp32 for fp32,
+    bf16 and fp16 inputs (fp32 accumulation); fp64 inputs run the chunked torch
+    path on every backend (the kernels' dots are fp32 at best) and give fp64.
+    -inf logits (e.g. a -inf bias banning tokens) are fine except at a scored
+    label. Differentiable w.r.t. hidden, weight and bias; gradients have their
+    input's dtype. ``check_finite=False`` skips the host sync that rejects a
+    NaN/inf result (input checks still sync).
     """
     _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, temperature, ignore_index)
     targets, segment, n_seq = _aligned_targets(labels, ignore_index, shift, cu_seqlens)
-    vocab = weight.shape[0]
-    scored_mask = targets != ignore_index
-    if bool((scored_mask & ((targets < 0) | (targets >= vocab))).any()):
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
-    scored = scored_mask.nonzero().squeeze(1)
+    scored = scored_targets_mask("labels", targets, weight.shape[0], ignore_index).nonzero().squeeze(1)
     scored_segment = segment.index_select(0, scored)
     counts = torch.bincount(scored_segment, minlength=n_seq)
-    if reduction == "mean" and bool((counts == 0).any()):
-        empty = (counts == 0).nonzero().squeeze(1).tolist()
-        raise ValueError(f"labels score no token in sequence(s) {empty}: their mean log-prob is undefined")
+    if reduction == "mean":
+        check_every_sequence_scored("labels", counts)
 
     # Only scored rows reach the kernel, forward and backward (index_select's
     # backward scatters their gradient back into hidden's shape).
-    if cu_seqlens is None:
-        T = labels.shape[1]
-        rows = hidden[scored // T, scored % T].contiguous()
-    else:
-        rows = hidden.index_select(0, scored).contiguous()
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
     scored_targets = targets.index_select(0, scored)
-    if use_triton(hidden, weight):
+    # The kernels' dots are fp32 at best: fp64 takes the chunked torch path on every backend.
+    if hidden.dtype != torch.float64 and use_triton(hidden, weight):
         per_row = _LinearLogprobs.apply(
             rows, weight.contiguous(), None if bias is None else bias.contiguous(),
             scored_targets, softcap, float(temperature),
         )
     else:
-        per_row = chunked_token_logprobs(
-            rows, weight, scored_targets, bias=bias, softcap=softcap, temperature=float(temperature),
-            ignore_index=ignore_index,
-        )
+        per_row = scored_token_logprobs(rows, weight, scored_targets, bias, softcap, temperature)
 
     if reduction == "none":
         out = per_row.new_zeros(targets.shape[0]).index_add(0, scored, per_row)

@@ -57,7 +57,7 @@ def compile_kernel(kernel, signature, constexprs, num_warps=4, num_stages=3):
 
 
 def linear_logprobs_configs():
-    for dtype in ("bf16", "fp32"):
+    for dtype in ("bf16", "fp16", "fp32"):
         dot_fp32 = dtype == "fp32"
         forward = {
             "rows_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",

@@ -135,3 +135,28 @@ def test_nan_result_raises_unless_unchecked(backend):
         get_batch_logprobs(logits, labels)
     out = get_batch_logprobs(logits, labels, check_finite=False)
     assert torch.isnan(out[1]) and torch.isfinite(out[0])
+
+
+def test_neg_inf_logits_mask_tokens(backend):
+    """-inf logits (a vocabulary mask) over the kernel's whole first 4096-block and inside
+    the second: the online log-sum-exp must not turn -inf - -inf into NaN."""
+    logits, labels, grad = make_case(B=2, T=4, V=5000, seed=3)
+    logits[..., :4096] = -float("inf")
+    logits[..., 4500:4600] = -float("inf")
+    allowed = torch.cat([torch.arange(4096, 4500), torch.arange(4600, 5000)])
+    pick = torch.randint(0, allowed.numel(), labels.shape, generator=torch.Generator().manual_seed(4))
+    labels = torch.where(labels == IGNORE, labels, allowed[pick])
+    expected, expected_grad = value_and_grad(reference.get_batch_logprobs, logits, labels, grad, torch.float64)
+    out, d_logits = value_and_grad(get_batch_logprobs, logits, labels, grad, torch.float32)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_logits.double(), expected_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_fp64_logits_are_computed_in_fp64(backend):
+    """The kernels compute in fp32: fp64 logits take the torch path, which keeps fp64."""
+    logits, labels, grad = make_case(V=300, seed=5)
+    expected, expected_grad = value_and_grad(reference.get_batch_logprobs, logits, labels, grad, torch.float64)
+    out, d_logits = value_and_grad(get_batch_logprobs, logits, labels, grad, torch.float64)
+    assert out.dtype == d_logits.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_logits, expected_grad, rtol=1e-12, atol=1e-14)

@@ -106,6 +106,20 @@ def test_peaked_softmax_stays_accurate():
         assert_rel_close(a, e, 1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_neg_inf_bias_bans_tokens(softcap):
+    """bias -inf on a block of the vocabulary (banned tokens), targets elsewhere."""
+    rows, weight, bias, targets, grad = make_case(17, 20, 300, scale=3.0, seed=4)
+    bias[:128] = -float("inf")
+    bias[200:230] = -float("inf")
+    targets = torch.where(targets == IGNORE, targets, 128 + targets % 72)
+    expected = value_and_grads(reference, rows, weight, bias, targets, grad, torch.float64, softcap=softcap)
+    actual = value_and_grads(ours, rows, weight, bias, targets, grad, torch.float32, softcap=softcap, chunk_rows=5)
+    for a, e in zip(actual, expected):
+        assert torch.isfinite(a).all()
+        assert_rel_close(a, e, 1e-5)
+
+
 def test_frozen_head_gives_rows_grad_only():
     rows, weight, bias, targets, grad = make_case(19, 12, 77)
     x = rows.float().requires_grad_()

@@ -235,3 +235,79 @@ def test_gpu_check_script_dry_run(backend):
     done = subprocess.run([sys.executable, str(script), "--cpu-dry-run"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("PASS") >= 20 and "FAIL" not in done.stdout
+
+
+def banned_bias_inputs(V, banned, seed):
+    """make_inputs with bias -inf on the ``banned`` slices of the vocabulary and no label there."""
+    hidden, weight, bias, labels = make_inputs(2, 13, 40, V, seed=seed)
+    allowed = torch.ones(V, dtype=torch.bool)
+    for block in banned:
+        allowed[block] = False
+        bias[block] = -math.inf
+    allowed_ids = allowed.nonzero().squeeze(1)
+    pick = torch.randint(0, allowed_ids.numel(), labels.shape, generator=torch.Generator().manual_seed(seed))
+    remapped = allowed_ids[pick]
+    labels = torch.where(labels == IGNORE, labels, remapped)
+    return hidden, weight, bias, labels
+
+
+# The interpreter's vocabulary tile is 128 wide and V=300 is split in two: [0, 256) and [256, 300).
+@pytest.mark.parametrize("banned", [
+    (slice(0, 128), slice(150, 170)),   # a whole first tile of a split, then part of the next tile
+    (slice(40, 60), slice(256, 300)),   # a whole split
+], ids=["first_tile", "whole_split"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_neg_inf_bias_bans_tokens(backend, banned, softcap):
+    """A -inf bias (banned tokens) leaves the other tokens' log-probs and all gradients exact."""
+    inputs = banned_bias_inputs(300, banned, seed=31)
+    check_fp32(inputs, softcap=softcap, temperature=0.8, reduction="none")
+    check_fp32(inputs, softcap=softcap)
+
+
+def test_fp64_input_is_computed_in_fp64(backend):
+    """The kernels' dots are fp32 at best: fp64 input takes the torch path on every backend."""
+    hidden, weight, bias, labels = make_inputs(2, 9, 40, 300, seed=37)
+    kw = dict(softcap=4.0, temperature=0.7)
+    upstream = upstream_for(2)
+    ref = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64, **kw)
+    ours = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64, **kw)
+    assert sequence_logprobs(hidden, weight, labels).dtype == torch.float64
+    for name, a, r in zip(("value", "d_hidden", "d_weight", "d_bias"), ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * r.abs().max().item(), msg=lambda m: f"{name}: {m}")
+
+
+def fp16_ulp(x):
+    """Spacing of fp16 numbers at |x| (2^-24 among the subnormals)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp(min=2.0**-14)))
+    return 2.0 ** (exponent - 10)
+
+
+def test_fp16_small_upstream_gradients_not_flushed(backend):
+    """Per-token upstream gradients ~1e-5 (SAMI's MI loss): g * (onehot - p) flushes to zero
+    in an fp16 matmul operand, so g must be applied to the fp32 products. The fp16 gradients
+    are then the exact ones up to their own rounding (within one fp16 ulp), far better than
+    torch in fp16; the flushed version is ~3.5x further from fp64 than the rounding."""
+    dtype = torch.float16
+    hidden, weight, bias, labels = make_inputs(3, 29, 75, 517, seed=11)
+    # Inputs exactly representable in fp16, so fp64 gives the gradients of the same numbers.
+    hidden, weight, bias = (t.to(dtype).double() for t in (hidden, weight, bias))
+    kw = dict(softcap=5.0, temperature=0.7, reduction="sum")
+    upstream = upstream_for(3) * 1e-5
+    exact = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64, **kw)
+    torch_same = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, dtype, **kw)
+    ours = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, dtype, **kw)
+    for name, a, t, r in list(zip(("value", "d_hidden", "d_weight", "d_bias"), ours, torch_same, exact))[1:]:
+        assert r.abs().max() < 1e-4, "setup: the gradients should lie where fp16 is subnormal or nearly"
+        worst = ((a - r).abs() / fp16_ulp(r)).max().item()
+        assert worst <= 1.0, f"{name}: {worst:.3g} fp16 ulps from fp64"
+        assert (a - r).norm() < 0.5 * (t - r).norm(), f"{name}: not better than torch in fp16"
+
+
+def test_backward_autotune_hook_zeroes_only_computed_gradients():
+    """Autotuning reruns the accumulating backward kernel: its pre_hook zeroes the outputs
+    between runs and skips the gradients that are not computed (None)."""
+    from sami_fast.kernels.linear_logprobs import _linear_logprobs_backward_kernel
+
+    buffers = dict(d_rows_ptr=torch.ones(3, 2), d_weight_ptr=torch.ones(5, 2), d_bias_ptr=None)
+    _linear_logprobs_backward_kernel.pre_hook(buffers, reset_only=True)
+    assert not buffers["d_rows_ptr"].any() and not buffers["d_weight_ptr"].any()
