@@ -115,7 +115,7 @@ def _store_tile(grad_ptr, base_g, rows, cols, C, g, EVEN_C: tl.constexpr):
 })
 @triton.jit
 def _mi_loss_kernel(
-    x_ptr, mask_ptr, num_contributing_ptr, grad_ptr, out_ptr, scratch_ptr,
+    x_ptr, mask_ptr, num_queries_ptr, grad_ptr, out_ptr, scratch_ptr,
     C,
     stride_xb, stride_xr, stride_xc,
     stride_mb, stride_mr, stride_mc,
@@ -129,7 +129,7 @@ def _mi_loss_kernel(
     base_g = b * C * C
     offs = tl.arange(0, BLOCK)
     if HAS_MASK:
-        num_queries = tl.load(num_contributing_ptr).to(ACC)
+        num_queries = tl.load(num_queries_ptr).to(ACC)
     else:
         num_queries = tl.num_programs(0).to(ACC)
 
@@ -267,13 +267,13 @@ def mi_loss_kernel(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
     out = torch.empty((B, 4), dtype=acc_dtype, device=logprobs.device)
     grad = torch.empty((B, C, C), dtype=logprobs.dtype, device=logprobs.device) if compute_grad else None
     scratch = torch.empty((B, 4, C), dtype=acc_dtype, device=logprobs.device) if C > block_size else None
-    mask_strides, num_contributing = (0, 0, 0), None
+    mask_strides, num_queries = (0, 0, 0), None
     if mask is not None:
-        num_contributing = mask.diagonal(dim1=1, dim2=2).any(dim=1).sum()
+        num_queries = mask.diagonal(dim1=1, dim2=2).any(dim=1).sum()
         mask = mask.view(torch.uint8)  # bool storage read as bytes
         mask_strides = mask.stride()
     _mi_loss_kernel[(B,)](
-        logprobs, mask, num_contributing, grad, out, scratch, C,
+        logprobs, mask, num_queries, grad, out, scratch, C,
         *logprobs.stride(), *mask_strides,
         BLOCK=block_size, num_warps=tile_warps(block_size),
     )

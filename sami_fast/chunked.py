@@ -64,14 +64,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             z, _ = head.logits(rows[start:end])
             lse[start:end], picked[start:end] = logsumexp_and_pick_(z, targets[start:end])
         ctx.save_for_backward(rows, weight, bias, targets, lse)
-        ctx.setup = (softcap, temperature, chunk_rows)
+        ctx.head_args = (softcap, temperature, chunk_rows)  # _Head's arguments after weight, bias
         return picked - lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         rows, weight, bias, targets, lse = ctx.saved_tensors
-        softcap, temperature, chunk_rows = ctx.setup
+        softcap, temperature, chunk_rows = ctx.head_args
         need_rows, need_weight, _, need_bias = ctx.needs_input_grad[:4]
         head = _Head(weight, bias, softcap, temperature, chunk_rows)
         # Each row's du carries g / temperature, applied after the matmul with W: in an
@@ -87,7 +87,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if tanh is not None:
                 du.mul_(tanh.square_().neg_().add_(1.0))
             if need_rows:
-                torch.mul(torch.mm(head.low(du), weight), row_scale[start:end], out=d_rows[start:end])
+                torch.mul(torch.mm(head.in_weight_dtype(du), weight), row_scale[start:end], out=d_rows[start:end])
             du.mul_(row_scale[start:end])
             if need_weight:
                 d_weight.addmm_(du.t(), rows[start:end].to(du.dtype))
@@ -134,7 +134,7 @@ class _Head:
         torch.tanh(z.div_(self.softcap), out=tanh)
         return torch.mul(tanh, self.softcap / self.temperature, out=z), tanh
 
-    def low(self, du):
+    def in_weight_dtype(self, du):
         """``du`` in the weight dtype, for the matmul with W."""
         if self.product is None:
             return du

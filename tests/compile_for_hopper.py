@@ -99,12 +99,12 @@ def mi_loss_configs():
         for block, single, has_mask in ((16, True, False), (64, True, True), (64, False, True)):
             yield (f"mi_loss {dtype} BLOCK={block} single_tile={single} mask={has_mask}", mi._mi_loss_kernel,
                    {"x_ptr": f"*{dtype}", "mask_ptr": "*u8" if has_mask else "constexpr",
-                    "num_contributing_ptr": "*fp32", "grad_ptr": f"*{dtype}", "out_ptr": "*fp32",
+                    "num_queries_ptr": "*i64" if has_mask else "constexpr", "grad_ptr": f"*{dtype}", "out_ptr": "*fp32",
                     "scratch_ptr": "constexpr" if single else "*fp32", "C": "i32",
                     "stride_xb": "i32", "stride_xr": "i32", "stride_xc": "i32",
                     "stride_mb": "i32", "stride_mr": "i32", "stride_mc": "i32"},
                    {"BLOCK": block, "HAS_MASK": has_mask, "STORE_GRAD": True, "SINGLE_TILE": single,
-                    "EVEN_C": False, **({} if has_mask else {"mask_ptr": None}),
+                    "EVEN_C": False, **({} if has_mask else {"mask_ptr": None, "num_queries_ptr": None}),
                     **({"scratch_ptr": None} if single else {})},
                    mi.tile_warps(block), 1, False)
 

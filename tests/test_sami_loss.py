@@ -70,7 +70,10 @@ def assert_matches_oracle(x, mask, weight=1.0, ill_conditioned=False):
         return
     eps = EPS[x.dtype]
     same, same_grad = loss_and_grad(reference.sami_loss, x, mask, weight)
-    assert (loss.double() - ref).abs() <= (same.double() - ref).abs() + 2 * eps * ref.abs() + 1e-3
+    # The loss is accumulated in fp32 (a few fp32 ulps of the largest |x|) and rounded once to x.dtype.
+    fp32_error = 8 * EPS[torch.float32] * max(1.0, x[torch.isfinite(x)].abs().max().item())
+    loss_excess = (loss.double() - ref).abs() - (same.double() - ref).abs() - eps * ref.abs() - fp32_error
+    assert loss_excess <= 0, f"loss worse than torch {x.dtype} by {loss_excess.item():.3g}"
     # The saved gradient is rounded once to x.dtype (the interpreter's fp32 -> bf16 cast
     # truncates: up to one ulp = 2 eps) and once more when scaled by grad_output != 1.
     subnormal_step = 2 * torch.finfo(x.dtype).tiny * eps  # fp16 gradients are often subnormal

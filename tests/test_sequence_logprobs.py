@@ -15,6 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sami_fast import reference, sequence_logprobs
+from sami_fast.chunked import _ChunkedTokenLogprobs
+from sami_fast.kernels import linear_logprobs
+from sami_fast.kernels.linear_logprobs import _linear_logprobs_kernel, _vocab_splits
+from sami_fast.sequence_logprobs import _LinearLogprobs
 
 IGNORE = -100
 
@@ -62,8 +66,18 @@ def check_fp32(backend_inputs, **kw):
 
 
 def test_issue_shape_all_features(backend):
-    """B=3, T=47, D=123, V=1001, 20% ignored, softcap, temperature, bias, per-sequence gradients."""
-    check_fp32(make_inputs(3, 47, 123, 1001), softcap=4.0, temperature=0.7)
+    """B=3, T=47, D=123, V=1001, 20% ignored, softcap, temperature, bias, per-sequence gradients.
+
+    On Triton this is the test with several row blocks (the last one ragged) and a
+    vocabulary of several blocks in each of several splits, values and gradients.
+    """
+    inputs = make_inputs(3, 47, 123, 1001)
+    interpreted = _linear_logprobs_kernel.configs[0].kwargs  # the one tile config under TRITON_INTERPRET
+    scored_rows = (inputs[3][:, 1:] != IGNORE).sum().item()
+    assert scored_rows > interpreted["BLOCK_M"] and scored_rows % interpreted["BLOCK_M"], "setup: ragged row blocks"
+    vocab_blocks = math.ceil(1001 / interpreted["BLOCK_N"])
+    assert vocab_blocks >= 2 * _vocab_splits(1, 1001, "cpu") >= 4, "setup: several vocabulary blocks per split"
+    check_fp32(inputs, softcap=4.0, temperature=0.7)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -148,8 +162,48 @@ def test_packed_matches_padded(backend, shift):
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_frozen_weight_and_noncontiguous_inputs(backend):
-    """Only the gradients asked for; strided views give the same numbers as contiguous copies."""
+@pytest.mark.parametrize("trainable", ["hidden", "weight"])
+def test_frozen_inputs_get_no_gradient_and_no_work(backend, monkeypatch, trainable):
+    """Only the gradients asked for: the autograd backward returns None for a frozen input
+    (on Triton the launcher is told to skip it), and the other gradients stay exact."""
+    hidden, weight, bias, labels = make_inputs(2, 11, 37, 120, seed=17)
+    h = hidden.float().requires_grad_(trainable == "hidden")
+    w = weight.float().requires_grad_(trainable == "weight")
+    b = bias.float()  # frozen in both cases
+    function = _LinearLogprobs if backend == "triton" else _ChunkedTokenLogprobs
+    backward, launcher = function.backward, linear_logprobs.linear_logprobs_backward_kernel
+    returned, requested = [], []
+
+    def spy_backward(ctx, *grads):
+        returned.append(backward(ctx, *grads))
+        return returned[-1]
+
+    def spy_launcher(*args, **kwargs):
+        requested.append(args[-3:])  # need_rows, need_weight, need_bias
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(function, "backward", staticmethod(spy_backward))
+    monkeypatch.setattr(linear_logprobs, "linear_logprobs_backward_kernel", spy_launcher)
+    sequence_logprobs(h, w, labels, bias=b).sum().backward()
+
+    rows_grad, weight_grad = returned[0][:2]
+    bias_grad = returned[0][2 if backend == "triton" else 3]
+    assert bias_grad is None and b.grad is None
+    if backend == "triton":
+        assert requested == [(trainable == "hidden", trainable == "weight", False)]
+    else:
+        assert requested == []
+    ref = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, torch.ones(2), torch.float64)
+    if trainable == "hidden":
+        assert weight_grad is None and w.grad is None
+        torch.testing.assert_close(h.grad.double(), ref[1], rtol=1e-5, atol=1e-6)
+    else:
+        assert rows_grad is None and h.grad is None
+        torch.testing.assert_close(w.grad.double(), ref[2], rtol=1e-5, atol=1e-6)
+
+
+def test_noncontiguous_inputs(backend):
+    """Strided views give the same numbers as contiguous copies."""
     hidden, weight, bias, labels = make_inputs(2, 11, 37, 120, seed=17)
     h_big = torch.randn(2, 11, 2 * 37, dtype=torch.float32)[:, :, ::2]
     h_big.copy_(hidden)
