@@ -1,8 +1,10 @@
 """One prepared GPU run: correctness at real shapes, then the timing/memory table.
 
-Usage (on a CUDA machine, from the repository root; installs nothing):
+Usage (on a CUDA machine, from the repository root; installs nothing). Through this
+workplace's device tool only $OUT comes back, so write there and copy the CSV into
+benchmarks/results/ afterwards (give the run a timeout of ~540 s):
 
-    python benchmarks/gpu_check.py --out benchmarks/results/h200.csv
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT/h200.csv
 
 1. Correctness (bf16, D=4096, V=128256, a few thousand rows, and V=262144):
    ``sequence_logprobs`` values and gradients (hidden, weight, bias) against the
@@ -10,7 +12,9 @@ Usage (on a CUDA machine, from the repository root; installs nothing):
    (tol = bf16 eps * max|fp64|), plus relative norms; an fp32 case within 1e-4.
    ``sami_loss`` likewise (fp32 and bf16, with a mask).
 2. Timing: every topic's ``cases("cuda", size)`` from ``sami_fast/bench`` through
-   ``sami_fast.bench.measure``; the table is printed and rows appended to --out.
+   ``sami_fast.bench.measure``; rows are appended to --out case by case, then the
+   table and the issue's bars (time and memory against the best peer, fraction of
+   the bf16 peak) are printed.
 
 Every check and case runs on its own: a failure is printed and the rest go on.
 A wall-clock budget (--budget-s) skips what would not fit in the lease.
@@ -213,11 +217,19 @@ def run_bench(args, deadline):
         except Exception:
             traceback.print_exc()
             continue
+        # A model-level step takes seconds: fewer timed runs keep the lease's budget.
+        repeats = min(args.repeats, 3) if topic == "sami_step" else args.repeats
         for case in cases:
             if time.monotonic() > deadline:
                 print(f"  SKIP {case.provider} {case.x} (budget spent)")
                 continue
-            rows += bench.run_cases([case], "cuda", args.repeats)
+            new = bench.run_cases([case], "cuda", repeats)
+            rows += new
+            # Appended case by case: a run stopped at the lease's limit still leaves its rows.
+            try:
+                bench.append_results(args.out, new, "cuda")
+            except Exception:
+                traceback.print_exc()
     return rows
 
 
@@ -268,17 +280,13 @@ def main(argv=None):
     rows = []
     if not args.skip_bench:
         print("== timing")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         rows = run_bench(args, deadline)
         print()
         print(bench.format_table(rows))
         print("\n== bars (vs the best peer measured in this run)")
         print_bars(rows, args.peak_tflops)
-        try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            bench.append_results(args.out, rows, "cuda")
-            print(f"appended to {args.out}")
-        except Exception:
-            traceback.print_exc()
+        print(f"rows appended to {args.out}")
     print("\n== summary")
     for title, status in results:
         print(f"  {status:<7} {title}")
