@@ -214,7 +214,8 @@ def _zero_gradients(kwargs, reset_only=False):
     """Autotuning reruns the kernel and its outputs accumulate: zero them before each run.
 
     A pre_hook rather than ``reset_to_zero``, which older autotuners apply to the
-    gradients that are not computed (None) too.
+    gradients that are not computed (None) too. ``reset_only`` (the call before the
+    final launch) zeroes as well: that launch accumulates into the same buffers.
     """
     for name in ("d_rows_ptr", "d_weight_ptr", "d_bias_ptr"):
         if kwargs[name] is not None:

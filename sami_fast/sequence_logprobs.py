@@ -144,6 +144,7 @@ def sequence_logprobs(
     NaN/inf result (input checks still sync).
     """
     _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, temperature, ignore_index)
+    softcap, temperature = (None if softcap is None else float(softcap)), float(temperature)  # numpy scalars too
     targets, segment, n_seq = _aligned_targets(labels, ignore_index, shift, cu_seqlens)
     scored = scored_targets_mask("labels", targets, weight.shape[0], ignore_index).nonzero().squeeze(1)
     scored_segment = segment.index_select(0, scored)
@@ -159,7 +160,7 @@ def sequence_logprobs(
     if hidden.dtype != torch.float64 and use_triton(hidden, weight):
         per_row = _LinearLogprobs.apply(
             rows, weight.contiguous(), None if bias is None else bias.contiguous(),
-            scored_targets, softcap, float(temperature),
+            scored_targets, softcap, temperature,
         )
     else:
         per_row = scored_token_logprobs(rows, weight, scored_targets, bias, softcap, temperature)

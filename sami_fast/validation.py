@@ -1,5 +1,7 @@
 """Input checks shared by the public functions: each error names the argument."""
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -37,7 +39,7 @@ def check_positive(name: str, value, *, allow_none: bool = False) -> None:
     """A positive, finite number (or None when ``allow_none``): temperature, softcap."""
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not 0 < value < float("inf"):
         raise ValueError(f"{name} must be positive and finite, got {value}")

@@ -365,3 +365,14 @@ def test_backward_autotune_hook_zeroes_only_computed_gradients():
     buffers = dict(d_rows_ptr=torch.ones(3, 2), d_weight_ptr=torch.ones(5, 2), d_bias_ptr=None)
     _linear_logprobs_backward_kernel.pre_hook(buffers, reset_only=True)
     assert not buffers["d_rows_ptr"].any() and not buffers["d_weight_ptr"].any()
+
+
+def test_numpy_scalars_are_accepted_for_softcap_and_temperature(backend):
+    import numpy as np
+
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(2, 5, 7), torch.randn(11, 7)
+    labels = torch.randint(0, 11, (2, 5))
+    expected = reference.sequence_logprobs(hidden.double(), weight.double(), labels, softcap=3.0, temperature=0.5)
+    got = sequence_logprobs(hidden, weight, labels, softcap=np.float32(3.0), temperature=np.float32(0.5))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
