@@ -38,6 +38,12 @@ the atomics add (BLOCK_M + BLOCK_N) * D fp32 values per tile against
 6 * BLOCK_M * BLOCK_N * D flops. Accumulating in fp32 across vocabulary blocks
 avoids the bf16-accumulation error of fused losses that add into bf16 buffers.
 
+The launcher walks the vocabulary in chunks, one launch each, so that the fp32
+d_weight accumulator covers one chunk (~32 MiB) rather than all of W: a whole
+fp32 d_weight next to its bf16 copy would triple the gradient's memory (3 GB
+extra for Llama 3's head). Each finished chunk is cast into the d_weight output;
+d_rows stays one fp32 buffer (rows x D) that every chunk adds into.
+
 Under TRITON_INTERPRET=1 (CPU) bf16 tl.dot is wrong, so the launchers set
 DOT_FP32 for bf16 to upcast the operands (fp16 keeps its tensor-core path, which
 the interpreter computes correctly); fp32 inputs also take that path (exact fp32
@@ -173,12 +179,15 @@ def _linear_logprobs_kernel(
     tl.store(target_logit_ptr + offs_m, target_logit, mask=owns_target)
 
 
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _vocab_splits(n_row_blocks: int, V: int, device: torch.device) -> int:
     """Vocabulary splits so that the grid has about two programs per SM."""
     if _INTERPRETED:
         return 2  # exercise the split merge in the CPU tests
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, n_row_blocks), triton.cdiv(V, 1024)))
+    return max(1, min(triton.cdiv(2 * _sm_count(device), n_row_blocks), triton.cdiv(V, 1024)))
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -210,16 +219,26 @@ def linear_logprobs_kernel(rows, weight, targets, bias=None, softcap=None, tempe
     return target_logit - lse, lse
 
 
-def _zero_gradients(kwargs, reset_only=False):
-    """Autotuning reruns the kernel and its outputs accumulate: zero them before each run.
+_GRADIENT_ARGS = ("d_rows_ptr", "d_weight_ptr", "d_bias_ptr")
+_autotune_snapshots = {}
 
-    A pre_hook rather than ``reset_to_zero``, which older autotuners apply to the
-    gradients that are not computed (None) too. ``reset_only`` (the call before the
-    final launch) zeroes as well: that launch accumulates into the same buffers.
+
+def _snapshot_gradients(kwargs, reset_only=False):
+    """Autotuning runs the accumulating kernel once per trial on the live buffers, and d_rows
+    already holds the earlier vocabulary chunks: each trial is bracketed by a snapshot (here)
+    and a restore (``_restore_gradients``), so the final launch adds to what was there.
+
+    Our own hooks rather than ``restore_value``, which older autotuners also apply to the
+    gradients that are not computed (None). ``reset_only`` (before the final launch): nothing.
     """
-    for name in ("d_rows_ptr", "d_weight_ptr", "d_bias_ptr"):
-        if kwargs[name] is not None:
-            kwargs[name].zero_()
+    if not reset_only:
+        _autotune_snapshots.update({name: kwargs[name].clone() for name in _GRADIENT_ARGS if kwargs[name] is not None})
+
+
+def _restore_gradients(kwargs, exception=None):
+    for name, saved in _autotune_snapshots.items():
+        kwargs[name].copy_(saved)
+    _autotune_snapshots.clear()
 
 
 @triton.autotune(
@@ -229,7 +248,8 @@ def _zero_gradients(kwargs, reset_only=False):
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ]),
     key=["V", "D", "DOT_FP32"],
-    pre_hook=_zero_gradients,
+    pre_hook=_snapshot_gradients,
+    post_hook=_restore_gradients,
 )
 @triton.heuristics({
     **_HEURISTICS,
@@ -240,7 +260,7 @@ def _zero_gradients(kwargs, reset_only=False):
 @triton.jit
 def _linear_logprobs_backward_kernel(
     rows_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, d_rows_ptr, d_weight_ptr, d_bias_ptr,
-    M, V, D, stride_row, stride_weight, softcap, inv_temperature,
+    M, V, D, vocab_start, stride_row, stride_weight, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
     HAS_D_ROWS: tl.constexpr, HAS_D_WEIGHT: tl.constexpr, HAS_D_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -274,7 +294,8 @@ def _linear_logprobs_backward_kernel(
     targets = tl.load(targets_ptr + rows_m)
     lse = tl.load(lse_ptr + rows_m)
     grad = tl.where(row_in, tl.load(grad_ptr + rows_m), 0.0)
-    onehot = (offs_n[None, :] == targets[:, None]).to(tl.float32)
+    # The weight, bias and d_weight pointers start at this launch's vocabulary chunk.
+    onehot = (offs_n[None, :] + vocab_start == targets[:, None]).to(tl.float32)
     ds_unit = (onehot - tl.exp(z - lse[:, None])) * inv_temperature  # d s_iv / g_i
     if HAS_SOFTCAP:
         ds_unit = ds_unit * (1.0 - t * t)
@@ -328,26 +349,51 @@ def _linear_logprobs_backward_kernel(
         weight_ptrs += BLOCK_K
 
 
+# A backward launch's fp32 d_weight accumulator holds about this many values (32 MiB).
+_D_WEIGHT_CHUNK_ELEMENTS = 2**23
+
+
+def _vocab_chunk(M: int, V: int, D: int, sms: int) -> int:
+    """Vocabulary columns per backward launch: about 32 MiB of fp32 d_weight, widened so that
+    a launch of 128-row tiles still has four programs per SM when there are few rows."""
+    filling = 4 * sms * 128 // triton.cdiv(M, 128)
+    return min(V, triton.cdiv(max(_D_WEIGHT_CHUNK_ELEMENTS // D, filling), 256) * 256)
+
+
 def linear_logprobs_backward_kernel(
     rows, weight, targets, lse, grad, bias=None, softcap=None, temperature=1.0,
-    need_rows=True, need_weight=True, need_bias=False,
+    need_rows=True, need_weight=True, need_bias=False, vocab_chunk=None,
 ):
-    """fp32 (d_rows, d_weight, d_bias) for per-row upstream gradients ``grad`` (M,) fp32.
+    """(d_rows fp32, d_weight in weight's dtype, d_bias fp32) for per-row upstream gradients
+    ``grad`` (M,) fp32; a gradient that is not needed is None and its work is skipped.
 
-    A gradient that is not needed is returned as None and its work is skipped.
+    ``vocab_chunk``: vocabulary columns per launch (default ``_vocab_chunk``).
     """
     M, D = rows.shape
     V = weight.shape[0]
     fp32 = dict(dtype=torch.float32, device=rows.device)
     d_rows = torch.zeros((M, D), **fp32) if need_rows else None
-    d_weight = torch.zeros((V, D), **fp32) if need_weight else None
+    # An fp32 weight accumulates straight into its gradient; other dtypes through an fp32 chunk.
+    in_place = weight.dtype == torch.float32
+    d_weight = (torch.zeros_like if in_place or M == 0 else torch.empty_like)(weight) if need_weight else None
     d_bias = torch.zeros(V, **fp32) if need_bias else None
     if M == 0 or not (need_rows or need_weight or need_bias):
         return d_rows, d_weight, d_bias
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_N"]),)  # noqa: E731
-    _linear_logprobs_backward_kernel[grid](
-        rows, weight, bias, targets, lse, grad, d_rows, d_weight, d_bias,
-        M, V, D, rows.stride(0), weight.stride(0), softcap, 1.0 / temperature,
-        DOT_FP32=_dot_fp32(rows.dtype),
-    )
+    if vocab_chunk is None:  # the CPU tests run several chunks
+        vocab_chunk = 256 if _INTERPRETED else _vocab_chunk(M, V, D, _sm_count(rows.device))
+    scratch = torch.empty((min(vocab_chunk, V), D), **fp32) if need_weight and not in_place else None
+    for start in range(0, V, vocab_chunk):
+        end = min(start + vocab_chunk, V)
+        d_weight_chunk = None
+        if need_weight:
+            d_weight_chunk = d_weight[start:end] if scratch is None else scratch[: end - start].zero_()
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(end - start, meta["BLOCK_N"]),)  # noqa: E731
+        _linear_logprobs_backward_kernel[grid](
+            rows, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
+            d_rows, d_weight_chunk, None if d_bias is None else d_bias[start:end],
+            M, end - start, D, start, rows.stride(0), weight.stride(0), softcap, 1.0 / temperature,
+            DOT_FP32=_dot_fp32(rows.dtype),
+        )
+        if scratch is not None:
+            d_weight[start:end].copy_(d_weight_chunk)
     return d_rows, d_weight, d_bias

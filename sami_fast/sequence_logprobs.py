@@ -46,7 +46,7 @@ class _LinearLogprobs(torch.autograd.Function):
         )
         return (
             d_rows.to(rows.dtype) if need_rows else None,
-            d_weight.to(weight.dtype) if need_weight else None,
+            d_weight,
             d_bias.to(bias.dtype) if need_bias else None,
             None, None, None,
         )

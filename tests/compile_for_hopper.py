@@ -71,7 +71,8 @@ def linear_logprobs_configs():
         backward = {
             "rows_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
             "lse_ptr": "*fp32", "grad_ptr": "*fp32", "d_rows_ptr": "*fp32", "d_weight_ptr": "*fp32",
-            "d_bias_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32", "stride_row": "i32", "stride_weight": "i32",
+            "d_bias_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32", "vocab_start": "i32", "stride_row": "i32",
+            "stride_weight": "i32",
             "softcap": "fp32", "inv_temperature": "fp32",
         }
         for config in linear._linear_logprobs_backward_kernel.configs:

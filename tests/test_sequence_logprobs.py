@@ -5,6 +5,7 @@ power of two and V is not a multiple of the kernel's vocabulary block.
 """
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -357,14 +358,24 @@ def test_fp16_small_upstream_gradients_not_flushed(backend):
         assert (a - r).norm() < 0.5 * (t - r).norm(), f"{name}: not better than torch in fp16"
 
 
-def test_backward_autotune_hook_zeroes_only_computed_gradients():
-    """Autotuning reruns the accumulating backward kernel: its pre_hook zeroes the outputs
-    between runs and skips the gradients that are not computed (None)."""
-    from sami_fast.kernels.linear_logprobs import _linear_logprobs_backward_kernel
+def test_backward_autotune_hooks_restore_the_accumulated_gradients():
+    """Autotuning reruns the accumulating backward kernel on the live buffers, where d_rows
+    already holds earlier vocabulary chunks: every trial run is undone (gradients that are not
+    computed, None, are skipped), and the call before the final launch changes nothing."""
+    from sami_fast.kernels.linear_logprobs import _linear_logprobs_backward_kernel as kernel
 
-    buffers = dict(d_rows_ptr=torch.ones(3, 2), d_weight_ptr=torch.ones(5, 2), d_bias_ptr=None)
-    _linear_logprobs_backward_kernel.pre_hook(buffers, reset_only=True)
-    assert not buffers["d_rows_ptr"].any() and not buffers["d_weight_ptr"].any()
+    accumulated = dict(d_rows_ptr=torch.randn(3, 2), d_weight_ptr=torch.randn(5, 2), d_bias_ptr=None)
+    buffers = {name: None if t is None else t.clone() for name, t in accumulated.items()}
+    for _ in range(2):  # two trial runs
+        kernel.pre_hook(buffers)
+        buffers["d_rows_ptr"] += 1.0
+        buffers["d_weight_ptr"] *= 3.0
+        kernel.post_hook(buffers, exception=None)
+        for name in ("d_rows_ptr", "d_weight_ptr"):
+            torch.testing.assert_close(buffers[name], accumulated[name], rtol=0, atol=0)
+    kernel.pre_hook(buffers, reset_only=True)
+    for name in ("d_rows_ptr", "d_weight_ptr"):
+        torch.testing.assert_close(buffers[name], accumulated[name], rtol=0, atol=0)
 
 
 def test_numpy_scalars_are_accepted_for_softcap_and_temperature(backend):
@@ -376,3 +387,74 @@ def test_numpy_scalars_are_accepted_for_softcap_and_temperature(backend):
     expected = reference.sequence_logprobs(hidden.double(), weight.double(), labels, softcap=3.0, temperature=0.5)
     got = sequence_logprobs(hidden, weight, labels, softcap=np.float32(3.0), temperature=np.float32(0.5))
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vocab_chunk_keeps_the_fp32_accumulator_small_and_the_gpu_busy():
+    """Columns per backward launch on a 132-SM GPU: ~32 MiB of fp32 d_weight at many rows,
+    wider for few rows (four 128-row programs per SM), multiples of 256, never past V."""
+    chunk = linear_logprobs._vocab_chunk
+    assert chunk(16384, 128256, 4096, 132) == 2048  # 2**23 / 4096
+    assert chunk(4096, 128256, 4096, 132) == 2304  # 32 row blocks: 4 * 132 * 128 / 32 = 2112, rounded up
+    assert chunk(512, 128256, 4096, 132) == 16896
+    assert chunk(16384, 262144, 8192, 132) == 1024
+    assert chunk(4096, 49152, 576, 132) == 14592
+    assert chunk(10, 1000, 64, 132) == 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_backward_launcher_gives_the_same_gradients_for_any_vocabulary_chunking(dtype):
+    """The backward walks the vocabulary in launches; d_rows adds up over them in fp32 and each
+    chunk's d_weight (fp32 scratch, or the fp32 gradient itself) lands in its slice. Chunks of
+    one block, a ragged last chunk and the whole vocabulary agree to fp32 rounding."""
+    hidden, weight, bias, labels = make_inputs(1, 150, 45, 1001, ignored=0.0, seed=23)
+    rows, weight, bias = hidden[0].to(dtype), weight.to(dtype), bias.to(dtype)
+    targets = labels[0].long()
+    grad = upstream_for(150, seed=4).float()
+    _, lse = linear_logprobs.linear_logprobs_kernel(rows, weight, targets, bias, 3.0, 0.8)
+    results = {
+        chunk: linear_logprobs.linear_logprobs_backward_kernel(
+            rows, weight, targets, lse, grad, bias, 3.0, 0.8, need_bias=True, vocab_chunk=chunk)
+        for chunk in (128, 384, 1001)
+    }
+    whole = results[1001]
+    assert [t.dtype for t in whole] == [torch.float32, dtype, torch.float32]
+    assert all(t.abs().sum() > 0 for t in whole)
+    for chunk in (128, 384):
+        for name, a, b in zip(("d_rows", "d_weight", "d_bias"), results[chunk], whole):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+_FAR_APART_ROWS = """
+import torch
+from sami_fast.kernels import linear_logprobs as ll
+
+def far_apart(dense, stride):
+    # Rows `stride` elements apart in one mostly untouched (virtual) allocation.
+    storage = torch.empty((dense.shape[0] - 1) * stride + dense.shape[1], dtype=dense.dtype)
+    view = storage.as_strided(dense.shape, (stride, 1))
+    view.copy_(dense)
+    return view
+
+gen = torch.Generator().manual_seed(5)
+rows = torch.randn(3, 24, generator=gen).bfloat16()
+weight = torch.randn(3, 24, generator=gen).bfloat16()
+targets, grad = torch.tensor([2, 0, 1]), torch.randn(3, generator=gen)
+stride = 2**30 + 64  # the third row starts past 2**31 elements
+expected = ll.linear_logprobs_kernel(rows, weight, targets)
+got = ll.linear_logprobs_kernel(far_apart(rows, stride), far_apart(weight, stride), targets)
+expected_grads = ll.linear_logprobs_backward_kernel(rows, weight, targets, expected[1], grad)
+got_grads = ll.linear_logprobs_backward_kernel(far_apart(rows, stride), far_apart(weight, stride), targets, got[1], grad)
+for a, b in zip((*got, *got_grads[:2]), (*expected, *expected_grads[:2])):
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+print("ok")
+"""
+
+
+def test_row_offsets_past_2_to_the_31_elements_use_64_bit_arithmetic():
+    """Rows of hidden and W more than 2**31 elements apart (V * D beyond 2**31 in a real head):
+    32-bit offsets would wrap (the interpreter then reads the wrong memory or crashes), so the
+    forward and backward must give exactly what they give on the same rows packed densely.
+    A subprocess, so that a crash is a failure rather than the end of the test run."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", _FAR_APART_ROWS], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
