@@ -17,10 +17,14 @@ benchmarks/results/ afterwards (give the run a timeout of ~540 s):
    the bf16 peak) are printed.
 
 Every check and case runs on its own: a failure is printed and the rest go on.
-A wall-clock budget (--budget-s) skips what would not fit in the lease.
+A wall-clock budget (--budget-s, 450 s) skips what would not start in time, and a
+hard limit (--hard-limit-s, 470 s from the start) ends the process even inside a
+case (status 1, "Timeout" and the stacks on stderr), so a run never exceeds 8
+minutes; the rows measured by then are already in --out.
 """
 
 import argparse
+import faulthandler
 import importlib.util
 import sys
 import time
@@ -54,6 +58,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per benchmark case")
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="wall-clock budget; later steps are skipped once it is spent (default 450 s)")
+    parser.add_argument("--hard-limit-s", type=float, default=470.0,
+                        help="the process exits (status 1) this many seconds after its start, whatever it is doing")
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="dense bf16 matrix peak of the GPU for the achieved fraction (H100/H200 SXM: 989)")
     parser.add_argument("--skip-checks", action="store_true", help="only the timing table")
@@ -255,11 +261,22 @@ def print_bars(rows, peak_tflops):
               f"({'OK' if ours['peak_mb'] <= 1.1 * leanest['peak_mb'] else 'OVER'}){fraction}")
 
 
+def _stop_at_hard_limit(limit, elapsed):
+    """End the process ``limit`` s after its start (``elapsed`` s ago), whatever it is doing.
+
+    faulthandler's watchdog is a C thread: it fires even while the main thread holds
+    the GIL in a compile or a synchronize, prints every thread's stack ("Timeout") to
+    stderr and exits with status 1.
+    """
+    faulthandler.dump_traceback_later(max(limit - elapsed, 0.001), exit=True)
+
+
 def main(argv=None):
+    start = time.monotonic()
     args = parse_args(argv)
+    _stop_at_hard_limit(args.hard_limit_s, time.monotonic() - start)
     import torch
 
-    start = time.monotonic()
     deadline = start + args.budget_s
     sf = _import_sami_fast()
     from sami_fast import bench

@@ -247,7 +247,9 @@ def _restore_gradients(kwargs, exception=None):
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ]),
-    key=["V", "D", "DOT_FP32"],
+    # Not V: a launch's V is its vocabulary chunk, whose width follows the row count
+    # when rows are few; tuning again for every new width would stall training steps.
+    key=["D", "DOT_FP32"],
     pre_hook=_snapshot_gradients,
     post_hook=_restore_gradients,
 )

@@ -292,6 +292,16 @@ def test_gpu_check_script_dry_run(backend):
     assert done.stdout.count("PASS") >= 20 and "FAIL" not in done.stdout
 
 
+def test_gpu_check_script_stops_at_its_hard_limit():
+    """Whatever it is doing (here: still importing), the run ends at --hard-limit-s: status 1,
+    "Timeout" and the stacks on stderr, no check run."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--cpu-dry-run", "--hard-limit-s", "0.3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.startswith("Timeout") and "PASS" not in done.stdout
+
+
 def banned_bias_inputs(V, banned, seed):
     """make_inputs with bias -inf on the ``banned`` slices of the vocabulary and no label there."""
     hidden, weight, bias, labels = make_inputs(2, 13, 40, V, seed=seed)
