@@ -1,6 +1,8 @@
 """Fused LM head -> per-row log-probabilities, streamed over the vocabulary.
 
 For rows h_i (M, D), an LM head W (V, D), an optional bias b (V,) and targets y_i:
+(the rows are gathered inside the kernels, h_i = hidden[row_index[i]], so the
+scored rows of the hidden states are never copied)
 
     s_iv = h_i . w_v + b_v
     t_iv = tanh(s_iv / c)                       (only with a softcap c)
@@ -92,16 +94,16 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _pre_softcap_logits(
-    rows_ptr, weight_ptr, bias_ptr, offs_m, offs_n, D, stride_row, stride_weight,
+    rows_ptr, weight_ptr, bias_ptr, row_ids, offs_n, D, stride_row, stride_weight,
     HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """s = rows[offs_m] . weight[offs_n]^T + bias[offs_n] as an fp32 (BLOCK_M, BLOCK_N) tile.
+    """s = rows[row_ids] . weight[offs_n]^T + bias[offs_n] as an fp32 (BLOCK_M, BLOCK_N) tile.
 
-    offs_m / offs_n are already wrapped into range, so only the D tail needs a mask.
+    row_ids / offs_n are in range (gathered, or wrapped), so only the D tail needs a mask.
     """
     offs_k = tl.arange(0, BLOCK_K)
-    row_ptrs = rows_ptr + offs_m[:, None].to(tl.int64) * stride_row + offs_k[None, :]
+    row_ptrs = rows_ptr + row_ids[:, None].to(tl.int64) * stride_row + offs_k[None, :]
     weight_ptrs = weight_ptr + offs_n[:, None].to(tl.int64) * stride_weight + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
@@ -132,7 +134,7 @@ def _pre_softcap_logits(
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _linear_logprobs_kernel(
-    rows_ptr, weight_ptr, bias_ptr, targets_ptr, partial_lse_ptr, target_logit_ptr,
+    rows_ptr, row_index_ptr, weight_ptr, bias_ptr, targets_ptr, partial_lse_ptr, target_logit_ptr,
     M, V, D, stride_row, stride_weight, softcap, inv_temperature, n_splits,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -142,6 +144,7 @@ def _linear_logprobs_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = offs_m < M
     targets = tl.load(targets_ptr + offs_m, mask=row_in, other=-1)
+    row_ids = tl.load(row_index_ptr + offs_m % M)
     blocks_per_split = tl.cdiv(tl.cdiv(V, BLOCK_N), n_splits)
     v_start = split * blocks_per_split * BLOCK_N
     v_end = tl.minimum(v_start + blocks_per_split * BLOCK_N, V)
@@ -153,7 +156,7 @@ def _linear_logprobs_kernel(
         offs_n = v + tl.arange(0, BLOCK_N)
         col_in = offs_n < V
         z = _pre_softcap_logits(
-            rows_ptr, weight_ptr, bias_ptr, offs_m % M, offs_n % V, D, stride_row, stride_weight,
+            rows_ptr, weight_ptr, bias_ptr, row_ids, offs_n % V, D, stride_row, stride_weight,
             HAS_BIAS, EVEN_D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         if HAS_SOFTCAP:
@@ -196,24 +199,24 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) or (_INTERPRETED and dtype == torch.bfloat16)
 
 
-def linear_logprobs_kernel(rows, weight, targets, bias=None, softcap=None, temperature=1.0):
-    """(log p(target) (M,), lse (M,)) in fp32 for contiguous ``rows`` (M, D), ``weight`` (V, D).
+def linear_logprobs_kernel(hidden, weight, row_index, targets, bias=None, softcap=None, temperature=1.0):
+    """(log p(target) (M,), lse (M,)) in fp32 of the rows ``hidden[row_index]`` (M = len(row_index)).
 
-    Every target must lie in [0, V): the caller drops ignored rows beforehand.
-    Logits may be -inf (a -inf bias bans tokens) except at the targets.
+    hidden (N, D) with unit stride along D, weight (V, D) contiguous, row_index and
+    targets (M,) int64. Every target must lie in [0, V): the caller drops ignored rows
+    beforehand. Logits may be -inf (a -inf bias bans tokens) except at the targets.
     """
-    M, D = rows.shape
-    V = weight.shape[0]
-    target_logit = torch.empty(M, dtype=torch.float32, device=rows.device)
+    M, (V, D) = row_index.shape[0], weight.shape
+    target_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
     if M == 0:
         return target_logit, torch.empty_like(target_logit)
-    n_splits = _vocab_splits(triton.cdiv(M, 128), V, rows.device)
-    partial_lse = torch.empty((n_splits, M), dtype=torch.float32, device=rows.device)
+    n_splits = _vocab_splits(triton.cdiv(M, 128), V, hidden.device)
+    partial_lse = torch.empty((n_splits, M), dtype=torch.float32, device=hidden.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_splits)  # noqa: E731
     _linear_logprobs_kernel[grid](
-        rows, weight, bias, targets, partial_lse, target_logit,
-        M, V, D, rows.stride(0), weight.stride(0), softcap, 1.0 / temperature, n_splits,
-        DOT_FP32=_dot_fp32(rows.dtype),
+        hidden, row_index, weight, bias, targets, partial_lse, target_logit,
+        M, V, D, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature, n_splits,
+        DOT_FP32=_dot_fp32(hidden.dtype),
     )
     lse = torch.logsumexp(partial_lse, dim=0)
     return target_logit - lse, lse
@@ -261,7 +264,8 @@ def _restore_gradients(kwargs, exception=None):
 })
 @triton.jit
 def _linear_logprobs_backward_kernel(
-    rows_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr, d_rows_ptr, d_weight_ptr, d_bias_ptr,
+    rows_ptr, row_index_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr,
+    d_rows_ptr, d_weight_ptr, d_bias_ptr,
     M, V, D, vocab_start, stride_row, stride_weight, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
     HAS_D_ROWS: tl.constexpr, HAS_D_WEIGHT: tl.constexpr, HAS_D_BIAS: tl.constexpr,
@@ -284,8 +288,9 @@ def _linear_logprobs_backward_kernel(
     col_in = offs_n < V
     rows_m = offs_m % M
     cols_n = offs_n % V
+    row_ids = tl.load(row_index_ptr + rows_m)
     s = _pre_softcap_logits(
-        rows_ptr, weight_ptr, bias_ptr, rows_m, cols_n, D, stride_row, stride_weight,
+        rows_ptr, weight_ptr, bias_ptr, row_ids, cols_n, D, stride_row, stride_weight,
         HAS_BIAS, EVEN_D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
     )
     if HAS_SOFTCAP:
@@ -321,7 +326,7 @@ def _linear_logprobs_backward_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     row_offsets = offs_m[:, None].to(tl.int64) * D + offs_k[None, :]
     weight_offsets = offs_n[:, None].to(tl.int64) * D + offs_k[None, :]
-    row_ptrs = rows_ptr + rows_m[:, None].to(tl.int64) * stride_row + offs_k[None, :]
+    row_ptrs = rows_ptr + row_ids[:, None].to(tl.int64) * stride_row + offs_k[None, :]
     weight_ptrs = weight_ptr + cols_n[:, None].to(tl.int64) * stride_weight + offs_k[None, :]
     for k in range(0, D, BLOCK_K):
         in_d = offs_k[None, :] < D - k
@@ -363,17 +368,17 @@ def _vocab_chunk(M: int, V: int, D: int, sms: int) -> int:
 
 
 def linear_logprobs_backward_kernel(
-    rows, weight, targets, lse, grad, bias=None, softcap=None, temperature=1.0,
+    hidden, weight, row_index, targets, lse, grad, bias=None, softcap=None, temperature=1.0,
     need_rows=True, need_weight=True, need_bias=False, vocab_chunk=None,
 ):
-    """(d_rows fp32, d_weight in weight's dtype, d_bias fp32) for per-row upstream gradients
-    ``grad`` (M,) fp32; a gradient that is not needed is None and its work is skipped.
+    """(d_rows fp32 (M, D), d_weight in weight's dtype, d_bias fp32) of the rows ``hidden[row_index]``
+    for per-row upstream gradients ``grad`` (M,) fp32; a gradient that is not needed is None
+    and its work is skipped. d_rows is per gathered row: the caller scatters it into hidden's shape.
 
     ``vocab_chunk``: vocabulary columns per launch (default ``_vocab_chunk``).
     """
-    M, D = rows.shape
-    V = weight.shape[0]
-    fp32 = dict(dtype=torch.float32, device=rows.device)
+    M, (V, D) = row_index.shape[0], weight.shape
+    fp32 = dict(dtype=torch.float32, device=hidden.device)
     d_rows = torch.zeros((M, D), **fp32) if need_rows else None
     # An fp32 weight accumulates straight into its gradient; other dtypes through an fp32 chunk.
     in_place = weight.dtype == torch.float32
@@ -382,7 +387,7 @@ def linear_logprobs_backward_kernel(
     if M == 0 or not (need_rows or need_weight or need_bias):
         return d_rows, d_weight, d_bias
     if vocab_chunk is None:  # the CPU tests run several chunks
-        vocab_chunk = 256 if _INTERPRETED else _vocab_chunk(M, V, D, _sm_count(rows.device))
+        vocab_chunk = 256 if _INTERPRETED else _vocab_chunk(M, V, D, _sm_count(hidden.device))
     scratch = torch.empty((min(vocab_chunk, V), D), **fp32) if need_weight and not in_place else None
     for start in range(0, V, vocab_chunk):
         end = min(start + vocab_chunk, V)
@@ -391,10 +396,10 @@ def linear_logprobs_backward_kernel(
             d_weight_chunk = d_weight[start:end] if scratch is None else scratch[: end - start].zero_()
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(end - start, meta["BLOCK_N"]),)  # noqa: E731
         _linear_logprobs_backward_kernel[grid](
-            rows, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
+            hidden, row_index, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
             d_rows, d_weight_chunk, None if d_bias is None else d_bias[start:end],
-            M, end - start, D, start, rows.stride(0), weight.stride(0), softcap, 1.0 / temperature,
-            DOT_FP32=_dot_fp32(rows.dtype),
+            M, end - start, D, start, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature,
+            DOT_FP32=_dot_fp32(hidden.dtype),
         )
         if scratch is not None:
             d_weight[start:end].copy_(d_weight_chunk)

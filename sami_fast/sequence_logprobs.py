@@ -1,8 +1,9 @@
 """Per-sequence log-probs straight from final hidden states and the LM head.
 
-``sequence_logprobs`` never materialises the (tokens, V) logits: rows are
-compacted to the scored positions (in SAMI the prompt, ~80% of the tokens, is
-never scored), the fused kernel (Triton) or the chunked PyTorch path returns
+``sequence_logprobs`` never materialises the (tokens, V) logits: only the
+scored positions reach the LM head (in SAMI the prompt, ~80% of the tokens, is
+never scored; the Triton kernels gather those rows themselves, the PyTorch path
+compacts them), the fused kernel (Triton) or the chunked PyTorch path returns
 per-row log p(target) in fp32, and a per-sequence ``index_add`` reduces them.
 The reduction runs in autograd, so each sequence may receive its own upstream
 gradient (the MI loss gives every sequence a different one).
@@ -21,14 +22,15 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """log p(target) (M,) fp32 of rows (M, D) whose targets all lie in [0, V)."""
+    """log p(target) (M,) fp32 of the rows ``hidden[row_index]`` (hidden (N, D)), whose targets
+    all lie in [0, V). The kernels gather the rows themselves: no copy of them is made or saved."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, softcap, temperature):
+    def forward(ctx, hidden, weight, bias, row_index, targets, softcap, temperature):
         from sami_fast.kernels.linear_logprobs import linear_logprobs_kernel
 
-        logp, lse = linear_logprobs_kernel(rows, weight, targets, bias, softcap, temperature)
-        ctx.save_for_backward(rows, weight, bias, targets, lse)
+        logp, lse = linear_logprobs_kernel(hidden, weight, row_index, targets, bias, softcap, temperature)
+        ctx.save_for_backward(hidden, weight, bias, row_index, targets, lse)
         ctx.logit_transform = (softcap, temperature)
         return logp
 
@@ -37,19 +39,31 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp):
         from sami_fast.kernels.linear_logprobs import linear_logprobs_backward_kernel
 
-        rows, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, row_index, targets, lse = ctx.saved_tensors
         softcap, temperature = ctx.logit_transform
-        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_rows, d_weight, d_bias = linear_logprobs_backward_kernel(
-            rows, weight, targets, lse, grad_logp.float().contiguous(), bias, softcap, temperature,
-            need_rows, need_weight, need_bias,
+            hidden, weight, row_index, targets, lse, grad_logp.float().contiguous(), bias, softcap, temperature,
+            need_hidden, need_weight, need_bias,
         )
         return (
-            d_rows.to(rows.dtype) if need_rows else None,
+            _scatter_rows(d_rows, row_index, torch.zeros_like(hidden)) if need_hidden else None,
             d_weight,
             d_bias.to(bias.dtype) if need_bias else None,
-            None, None, None,
+            None, None, None, None,
         )
+
+
+# Rows of fp32 gradient cast per step of the scatter: 16 MiB, no full low-precision copy.
+_SCATTER_ELEMENTS = 2**22
+
+
+def _scatter_rows(rows, row_index, out):
+    """``out[row_index] = rows`` in out's dtype, a chunk of rows at a time."""
+    step = max(1, _SCATTER_ELEMENTS // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        out.index_copy_(0, row_index[start:start + step], rows[start:start + step].to(out.dtype))
+    return out
 
 
 def _check_cu_seqlens(cu_seqlens, n_rows, device):
@@ -152,18 +166,18 @@ def sequence_logprobs(
     if reduction == "mean":
         check_every_sequence_scored("labels", counts)
 
-    # Only scored rows reach the kernel, forward and backward (index_select's
-    # backward scatters their gradient back into hidden's shape).
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
+    # Only scored rows reach the LM head, forward and backward.
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     scored_targets = targets.index_select(0, scored)
     # The kernels' dots are fp32 at best: fp64 takes the chunked torch path on every backend.
     if hidden.dtype != torch.float64 and use_triton(hidden, weight):
         per_row = _LinearLogprobs.apply(
-            rows, weight.contiguous(), None if bias is None else bias.contiguous(),
-            scored_targets, softcap, temperature,
+            flat_hidden if flat_hidden.stride(1) == 1 else flat_hidden.contiguous(), weight.contiguous(),
+            None if bias is None else bias.contiguous(), scored, scored_targets, softcap, temperature,
         )
-    else:
-        per_row = scored_token_logprobs(rows, weight, scored_targets, bias, softcap, temperature)
+    else:  # index_select's backward scatters the rows' gradient back into hidden's shape
+        per_row = scored_token_logprobs(flat_hidden.index_select(0, scored), weight, scored_targets, bias, softcap,
+                                        temperature)
 
     if reduction == "none":
         out = per_row.new_zeros(targets.shape[0]).index_add(0, scored, per_row)

@@ -60,7 +60,7 @@ def linear_logprobs_configs():
     for dtype in ("bf16", "fp16", "fp32"):
         dot_fp32 = dtype == "fp32"
         forward = {
-            "rows_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
+            "rows_ptr": f"*{dtype}", "row_index_ptr": "*i64", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
             "partial_lse_ptr": "*fp32", "target_logit_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32",
             "stride_row": "i32", "stride_weight": "i32", "softcap": "fp32", "inv_temperature": "fp32", "n_splits": "i32",
         }
@@ -69,7 +69,7 @@ def linear_logprobs_configs():
                    {"HAS_BIAS": True, "HAS_SOFTCAP": True, "EVEN_D": False, "DOT_FP32": dot_fp32, **config.kwargs},
                    config.num_warps, config.num_stages, not dot_fp32)
         backward = {
-            "rows_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
+            "rows_ptr": f"*{dtype}", "row_index_ptr": "*i64", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
             "lse_ptr": "*fp32", "grad_ptr": "*fp32", "d_rows_ptr": "*fp32", "d_weight_ptr": "*fp32",
             "d_bias_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32", "vocab_start": "i32", "stride_row": "i32",
             "stride_weight": "i32",

@@ -417,13 +417,14 @@ def test_backward_launcher_gives_the_same_gradients_for_any_vocabulary_chunking(
     chunk's d_weight (fp32 scratch, or the fp32 gradient itself) lands in its slice. Chunks of
     one block, a ragged last chunk and the whole vocabulary agree to fp32 rounding."""
     hidden, weight, bias, labels = make_inputs(1, 150, 45, 1001, ignored=0.0, seed=23)
-    rows, weight, bias = hidden[0].to(dtype), weight.to(dtype), bias.to(dtype)
-    targets = labels[0].long()
-    grad = upstream_for(150, seed=4).float()
-    _, lse = linear_logprobs.linear_logprobs_kernel(rows, weight, targets, bias, 3.0, 0.8)
+    hidden, weight, bias = hidden[0].to(dtype), weight.to(dtype), bias.to(dtype)
+    row_index = torch.randperm(150, generator=torch.Generator().manual_seed(2))[:130]
+    targets = labels[0].long()[:130]
+    grad = upstream_for(130, seed=4).float()
+    _, lse = linear_logprobs.linear_logprobs_kernel(hidden, weight, row_index, targets, bias, 3.0, 0.8)
     results = {
         chunk: linear_logprobs.linear_logprobs_backward_kernel(
-            rows, weight, targets, lse, grad, bias, 3.0, 0.8, need_bias=True, vocab_chunk=chunk)
+            hidden, weight, row_index, targets, lse, grad, bias, 3.0, 0.8, need_bias=True, vocab_chunk=chunk)
         for chunk in (128, 384, 1001)
     }
     whole = results[1001]
@@ -450,10 +451,12 @@ rows = torch.randn(3, 24, generator=gen).bfloat16()
 weight = torch.randn(3, 24, generator=gen).bfloat16()
 targets, grad = torch.tensor([2, 0, 1]), torch.randn(3, generator=gen)
 stride = 2**30 + 64  # the third row starts past 2**31 elements
-expected = ll.linear_logprobs_kernel(rows, weight, targets)
-got = ll.linear_logprobs_kernel(far_apart(rows, stride), far_apart(weight, stride), targets)
-expected_grads = ll.linear_logprobs_backward_kernel(rows, weight, targets, expected[1], grad)
-got_grads = ll.linear_logprobs_backward_kernel(far_apart(rows, stride), far_apart(weight, stride), targets, got[1], grad)
+index = torch.tensor([2, 0, 1])  # gathered rows: hidden row 2 is 2 * stride elements in
+expected = ll.linear_logprobs_kernel(rows, weight, index, targets)
+got = ll.linear_logprobs_kernel(far_apart(rows, stride), far_apart(weight, stride), index, targets)
+expected_grads = ll.linear_logprobs_backward_kernel(rows, weight, index, targets, expected[1], grad)
+got_grads = ll.linear_logprobs_backward_kernel(far_apart(rows, stride), far_apart(weight, stride), index, targets,
+                                               got[1], grad)
 for a, b in zip((*got, *got_grads[:2]), (*expected, *expected_grads[:2])):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 print("ok")
@@ -468,3 +471,18 @@ def test_row_offsets_past_2_to_the_31_elements_use_64_bit_arithmetic():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", _FAR_APART_ROWS], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
+def test_scatter_rows_writes_every_gathered_row_in_steps(monkeypatch):
+    """The Triton backward's fp32 row gradients go into hidden's shape a few rows at a time
+    (no full low-precision copy); unscored rows stay zero."""
+    import importlib
+
+    module = importlib.import_module("sami_fast.sequence_logprobs")  # the package exports the function by this name
+    monkeypatch.setattr(module, "_SCATTER_ELEMENTS", 3 * 7)  # 3 rows per step, the last step ragged
+    gen = torch.Generator().manual_seed(9)
+    rows = torch.randn(10, 7, generator=gen)
+    index = torch.randperm(16, generator=gen)[:10]
+    out = module._scatter_rows(rows, index, torch.zeros(16, 7, dtype=torch.bfloat16))
+    expected = torch.zeros(16, 7, dtype=torch.bfloat16).index_copy_(0, index, rows.bfloat16())
+    assert torch.equal(out, expected)
