@@ -18,6 +18,8 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "setuptools>=70.1"],
         "hf": ["transformers>=4.57", "accelerate", "gguf"],
         "flash": ["flash-attn>=2.6"],
+        # The fused linear cross-entropies the GPU benchmarks compare against (CUDA only).
+        "peers": ["cut-cross-entropy", "liger-kernel"],
     },
     entry_points={"console_scripts": ["sami-fast=sami_fast.cli:main"]},
 )

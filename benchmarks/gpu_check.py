@@ -241,7 +241,7 @@ def run_bench(args, deadline):
 
 def print_bars(rows, peak_tflops):
     """The issue's GPU bars per shape: time <= best peer, memory <= best peer + 10%, fraction of peak."""
-    peers = ("naive", "cut_cross_entropy", "liger")
+    peers = ("naive", "cut_cross_entropy", "cut_cross_entropy_exact", "liger")
     by_shape = {}
     for r in rows:
         if "time_ms" in r:

@@ -10,7 +10,12 @@ Providers:
   PyTorch path (cuBLAS matmuls over vocabulary chunks), to compare the two
   backward strategies -- fused tiles with fp32 atomics vs materialised chunks;
 * ``cut_cross_entropy`` / ``liger``: their fused linear cross-entropy with a
-  per-token (reduction="none") output and a masked mean, only when importable.
+  per-token (reduction="none") output and a masked mean, only when importable
+  (the ``[peers]`` extra). cut_cross_entropy runs with its defaults, as its users
+  do: its backward skips vocabulary tiles whose softmax gradient is below
+  ``filter_eps`` (an approximation) and accumulates the gradients in bf16;
+  ``cut_cross_entropy_exact`` is its ``impl="cce_exact"`` preset (no filter),
+  the like-for-like comparison with sami_fast's exact backward.
 
 Every provider gets a random per-sequence upstream gradient (as the MI loss
 gives), so none can fold the backward into the forward as a scalar.
@@ -71,12 +76,16 @@ def _sami_fast_torch(hidden, weight, labels):
             os.environ["SAMI_FAST_BACKEND"] = previous
 
 
-def _cut_cross_entropy(hidden, weight, labels):
+def _cut_cross_entropy(hidden, weight, labels, **options):
     from cut_cross_entropy import linear_cross_entropy
 
-    # Its default gradient filter (filter_eps="auto") is kept: that is what its users run.
-    loss = linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE, reduction="none")
+    loss = linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], ignore_index=IGNORE, reduction="none",
+                                **options)
     return _masked_mean(-loss.float().reshape(labels.shape[0], -1), labels)
+
+
+def _cut_cross_entropy_exact(hidden, weight, labels):
+    return _cut_cross_entropy(hidden, weight, labels, impl="cce_exact")
 
 
 def _liger(hidden, weight, labels):
@@ -90,7 +99,8 @@ def _liger(hidden, weight, labels):
 
 
 def _available(provider):
-    modules = {"cut_cross_entropy": "cut_cross_entropy", "liger": "liger_kernel"}
+    modules = {"cut_cross_entropy": "cut_cross_entropy", "cut_cross_entropy_exact": "cut_cross_entropy",
+               "liger": "liger_kernel"}
     if provider not in modules:
         return True
     try:
@@ -100,7 +110,10 @@ def _available(provider):
     return True
 
 
-PROVIDERS = {"naive": _naive, "sami_fast": _sami_fast, "sami_fast_torch": _sami_fast_torch, "cut_cross_entropy": _cut_cross_entropy, "liger": _liger}
+PROVIDERS = {
+    "naive": _naive, "sami_fast": _sami_fast, "sami_fast_torch": _sami_fast_torch,
+    "cut_cross_entropy": _cut_cross_entropy, "cut_cross_entropy_exact": _cut_cross_entropy_exact, "liger": _liger,
+}
 
 
 def _case(provider, device, dtype, batch, seq_len, D, V, scored):
