@@ -6,6 +6,10 @@ benchmarks/results/ afterwards (give the run a timeout of ~540 s):
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT/h200.csv
 
+The peers (cut-cross-entropy, Liger) are timed when importable. For a machine with no
+package index, run ``bash benchmarks/fetch_peers.sh`` where pip can download and carry
+``benchmarks/peers`` along: this script puts that folder on sys.path.
+
 1. Correctness (bf16, D=4096, V=128256, a few thousand rows, and V=262144):
    ``sequence_logprobs`` values and gradients (hidden, weight, bias) against the
    float64 reference, by the oracle rule |ours - fp64| <= |torch bf16 - fp64| + tol
@@ -32,6 +36,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "benchmarks" / "peers"  # unpacked by benchmarks/fetch_peers.sh
 
 
 def _import_sami_fast():
@@ -275,6 +280,8 @@ def main(argv=None):
     start = time.monotonic()
     args = parse_args(argv)
     _stop_at_hard_limit(args.hard_limit_s, time.monotonic() - start)
+    if PEERS.is_dir():
+        sys.path.append(str(PEERS))
     import torch
 
     deadline = start + args.budget_s

@@ -12,10 +12,10 @@ Providers:
 * ``cut_cross_entropy`` / ``liger``: their fused linear cross-entropy with a
   per-token (reduction="none") output and a masked mean, only when importable
   (the ``[peers]`` extra). cut_cross_entropy runs with its defaults, as its users
-  do: its backward skips vocabulary tiles whose softmax gradient is below
-  ``filter_eps`` (an approximation) and accumulates the gradients in bf16;
-  ``cut_cross_entropy_exact`` is its ``impl="cce_exact"`` preset (no filter),
-  the like-for-like comparison with sami_fast's exact backward.
+  do: its backward skips vocabulary tiles whose softmax gradient is below its
+  default ``filter_eps`` (an approximation) and accumulates the gradients in bf16;
+  ``cut_cross_entropy_exact`` is the same call with ``filter_eps=None`` (no
+  filter), the like-for-like comparison with sami_fast's exact backward.
 
 Every provider gets a random per-sequence upstream gradient (as the MI loss
 gives), so none can fold the backward into the forward as a scalar.
@@ -85,7 +85,7 @@ def _cut_cross_entropy(hidden, weight, labels, **options):
 
 
 def _cut_cross_entropy_exact(hidden, weight, labels):
-    return _cut_cross_entropy(hidden, weight, labels, impl="cce_exact")
+    return _cut_cross_entropy(hidden, weight, labels, filter_eps=None)
 
 
 def _liger(hidden, weight, labels):
