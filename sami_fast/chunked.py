@@ -16,8 +16,12 @@ p_i = softmax(z_i):
     du_i = dz_i · (1 - tanh²(u_i / softcap)) / temperature  (without softcap: dz_i / temperature)
     dx_i = du_i W,   dW = Σ_i du_iᵀ x_i,   db = Σ_i du_i
 
-Extra memory is O(chunk_rows · V). The in-place chunk helpers below are shared with
-the torch path of ``sami_fast.get_batch_logprobs``.
+Extra memory is O(chunk_rows · V), plus in backward an fp32 dx for bf16/fp16 rows and,
+for a bf16/fp16 head, an fp32 dW accumulator for one vocabulary chunk at a time (~32
+MiB), cast into the gradient as each chunk finishes: never an fp32 copy of all of W.
+An fp32 head accumulates straight into its gradient, in one vocabulary chunk. The
+in-place chunk helpers below are shared with the torch path of
+``sami_fast.get_batch_logprobs``.
 """
 
 import torch
@@ -29,6 +33,8 @@ from sami_fast.validation import check_float, check_positive, check_tensor, scor
 CHUNK_ELEMENTS = 2**24
 # Held logits need no matmul: chunks of 4 MiB (fp32) stay in cache across their passes.
 LOGITS_CHUNK_ELEMENTS = 2**20
+# The backward's fp32 dW accumulator for a bf16/fp16 head: one vocabulary chunk of ~32 MiB.
+D_WEIGHT_CHUNK_ELEMENTS = 2**23
 
 
 def default_chunk_rows(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
@@ -43,11 +49,14 @@ def logsumexp_and_pick_(z: torch.Tensor, targets: torch.Tensor):
     return lse, picked
 
 
-def onehot_minus_softmax_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor):
-    """In place, ``z <- onehot(targets) - softmax(z)`` given its row ``lse``."""
+def onehot_minus_softmax_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, first_column: int = 0):
+    """In place, ``z <- onehot(targets) - softmax(z)`` given its row ``lse``, for the columns
+    ``first_column ..`` of the vocabulary that ``z`` holds (targets outside them add nothing)."""
     z.sub_(lse.unsqueeze(1)).exp_().neg_()
-    rows = torch.arange(z.shape[0], device=z.device)
-    return z.index_put_((rows, targets), torch.ones((), dtype=z.dtype, device=z.device), accumulate=True)
+    column = targets - first_column
+    inside = (column >= 0) & (column < z.shape[1])
+    # scatter_add_ of 0/1 rather than indexing the hits: no host sync on a GPU.
+    return z.scatter_add_(1, column.clamp(0, z.shape[1] - 1).unsqueeze(1), inside.to(z.dtype).unsqueeze(1))
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -73,27 +82,41 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         rows, weight, bias, targets, lse = ctx.saved_tensors
         softcap, temperature, chunk_rows = ctx.head_args
         need_rows, need_weight, _, need_bias = ctx.needs_input_grad[:4]
-        head = _Head(weight, bias, softcap, temperature, chunk_rows)
+        accumulate = lse.dtype  # fp32 (fp64 for fp64 inputs)
+        fast = dict(dtype=accumulate, device=weight.device)
         # Each row's du carries g / temperature, applied after the matmul with W: in an
         # fp16 operand g * du would flush to zero for per-token g ~ 1e-5.
-        row_scale = grad_out.to(lse.dtype).div(temperature).unsqueeze(1)
-        d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device) if need_rows else None
-        d_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
-        d_bias = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_bias else None
-        for start in range(0, rows.shape[0], chunk_rows):
-            end = min(start + chunk_rows, rows.shape[0])
-            z, tanh = head.logits(rows[start:end])
-            du = onehot_minus_softmax_(z, targets[start:end], lse[start:end])
-            if tanh is not None:
-                du.mul_(tanh.square_().neg_().add_(1.0))
-            if need_rows:
-                torch.mul(torch.mm(head.in_weight_dtype(du), weight), row_scale[start:end], out=d_rows[start:end])
-            du.mul_(row_scale[start:end])
+        row_scale = grad_out.to(accumulate).div(temperature).unsqueeze(1)
+        vocab, dim = weight.shape
+        in_place = weight.dtype == accumulate  # W's own gradient can hold the sums
+        width = vocab if in_place else max(1, min(vocab, D_WEIGHT_CHUNK_ELEMENTS // max(dim, 1)))
+        block_rows = max(1, min(rows.shape[0], chunk_rows * vocab // width))  # forward's logits budget
+        d_rows = torch.zeros(rows.shape, **fast) if need_rows else None
+        d_weight = (torch.zeros_like if in_place else torch.empty_like)(weight) if need_weight else None
+        scratch = torch.empty((width, dim), **fast) if need_weight and not in_place else None
+        d_bias = torch.zeros(vocab, **fast) if need_bias else None
+        for first in range(0, vocab, width):
+            last = min(first + width, vocab)
+            head = _Head(weight[first:last], None if bias is None else bias[first:last], softcap, temperature,
+                         block_rows)
             if need_weight:
-                d_weight.addmm_(du.t(), rows[start:end].to(du.dtype))
-            if need_bias:
-                d_bias.add_(du.sum(dim=0))
-        d_weight = d_weight.to(weight.dtype) if need_weight else None
+                d_weight_chunk = d_weight[first:last] if in_place else scratch[: last - first].zero_()
+            for start in range(0, rows.shape[0], block_rows):
+                end = min(start + block_rows, rows.shape[0])
+                z, tanh = head.logits(rows[start:end])
+                du = onehot_minus_softmax_(z, targets[start:end], lse[start:end], first)
+                if tanh is not None:
+                    du.mul_(tanh.square_().neg_().add_(1.0))
+                if need_rows:
+                    d_rows[start:end].addcmul_(torch.mm(head.in_weight_dtype(du), head.weight), row_scale[start:end])
+                du.mul_(row_scale[start:end])
+                if need_weight:
+                    d_weight_chunk.addmm_(du.t(), rows[start:end].to(du.dtype))
+                if need_bias:
+                    d_bias[first:last].add_(du.sum(dim=0))
+            if need_weight and not in_place:
+                d_weight[first:last].copy_(d_weight_chunk)
+        d_rows = d_rows.to(rows.dtype) if need_rows else None
         d_bias = d_bias.to(bias.dtype) if need_bias else None
         return d_rows, d_weight, None, d_bias, None, None, None
 

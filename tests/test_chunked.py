@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from sami_fast import chunked
 from sami_fast.chunked import chunked_token_logprobs
 from sami_fast.reference import token_logprobs
 
@@ -84,7 +85,12 @@ def test_random_shapes_match_reference(N, D, V, chunk_rows, ignored, bias, softc
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_low_precision_no_worse_than_torch_same_dtype(dtype, softcap):
+@pytest.mark.parametrize("vocab_chunk", [None, 96])
+def test_low_precision_no_worse_than_torch_same_dtype(dtype, softcap, vocab_chunk, monkeypatch):
+    """vocab_chunk: the backward's fp32 dW accumulator covers 96 vocabulary rows at a time
+    (11 chunks, the last ragged) instead of the default, here all 1001 in one."""
+    if vocab_chunk is not None:
+        monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", vocab_chunk * 123)
     case = make_case(33, 123, 1001, scale=4.0)
     exact = value_and_grads(reference, *case, torch.float64, softcap=softcap)
     same_dtype = value_and_grads(reference, *case, dtype, softcap=softcap)
@@ -186,3 +192,30 @@ def test_bad_input_raises(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         chunked_token_logprobs(args.pop("rows"), args.pop("weight"), args.pop("targets"), **args)
+
+
+def test_low_precision_head_gets_no_fp32_copy_of_its_gradient(monkeypatch):
+    """A bf16 head's dW sums in fp32 one vocabulary chunk at a time: the largest fp32
+    allocation of the backward is that chunk (or the rows' dx), never V x D, and the chunks
+    together give every row of dW."""
+    monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", 40 * 24)  # 40 vocabulary rows per chunk
+    rows, weight, bias, targets, grad = make_case(30, 24, 301, seed=8)
+    x, w = rows.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    out = chunked_token_logprobs(x, w, targets, chunk_rows=8)
+    allocated = []
+    for name in ("empty", "zeros", "empty_like", "zeros_like"):
+        original = getattr(torch, name)
+
+        def spy(*args, _original=original, **kwargs):
+            tensor = _original(*args, **kwargs)
+            allocated.append((tensor.dtype, tuple(tensor.shape)))
+            return tensor
+
+        monkeypatch.setattr(torch, name, spy)
+    out.backward(grad.float())
+    monkeypatch.undo()
+    fp32_sizes = [torch.Size(shape).numel() for dtype, shape in allocated if dtype == torch.float32]
+    assert (torch.float32, (40, 24)) in allocated and max(fp32_sizes) < 301 * 24 // 2, allocated
+    expected = value_and_grads(reference, rows, weight, None, targets, grad, torch.float64)
+    assert w.grad.dtype == torch.bfloat16
+    assert_rel_close(w.grad.double(), expected[2], 2e-2)
