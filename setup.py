@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=["sami_fast", "sami_fast.bench", "sami_fast.kernels"],
     package_dir={"sami_fast": "sami_fast", "sami_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.0"],
+    install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "setuptools>=70.1"],
         "hf": ["transformers>=4.57", "accelerate", "gguf"],

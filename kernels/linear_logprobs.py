@@ -41,10 +41,11 @@ the atomics add (BLOCK_M + BLOCK_N) * D fp32 values per tile against
 avoids the bf16-accumulation error of fused losses that add into bf16 buffers.
 
 The launcher walks the vocabulary in chunks, one launch each, so that the fp32
-d_weight accumulator covers one chunk (~32 MiB) rather than all of W: a whole
-fp32 d_weight next to its bf16 copy would triple the gradient's memory (3 GB
-extra for Llama 3's head). Each finished chunk is cast into the d_weight output;
-d_rows stays one fp32 buffer (rows x D) that every chunk adds into.
+d_weight accumulator covers one chunk (~32 MiB; up to 4x wider when rows are few,
+so that a launch still fills the GPU) rather than all of W: a whole fp32 d_weight
+next to its bf16 copy would triple the gradient's memory (3 GB extra for Llama 3's
+head). Each finished chunk is cast into the d_weight output; d_rows stays one fp32
+buffer (rows x D) that every chunk adds into.
 
 Under TRITON_INTERPRET=1 (CPU) bf16 tl.dot is wrong, so the launchers set
 DOT_FP32 for bf16 to upcast the operands (fp16 keeps its tensor-core path, which
@@ -199,6 +200,12 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) or (_INTERPRETED and dtype == torch.bfloat16)
 
 
+def _check_row_vectors(*vectors):
+    # The kernels index these with unit stride.
+    if not all(v.is_contiguous() for v in vectors):
+        raise ValueError("row_index, targets (and lse, grad) must be contiguous")
+
+
 def linear_logprobs_kernel(hidden, weight, row_index, targets, bias=None, softcap=None, temperature=1.0):
     """(log p(target) (M,), lse (M,)) in fp32 of the rows ``hidden[row_index]`` (M = len(row_index)).
 
@@ -207,6 +214,7 @@ def linear_logprobs_kernel(hidden, weight, row_index, targets, bias=None, softca
     beforehand. Logits may be -inf (a -inf bias bans tokens) except at the targets.
     """
     M, (V, D) = row_index.shape[0], weight.shape
+    _check_row_vectors(row_index, targets)
     target_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
     if M == 0:
         return target_logit, torch.empty_like(target_logit)
@@ -223,7 +231,6 @@ def linear_logprobs_kernel(hidden, weight, row_index, targets, bias=None, softca
 
 
 _GRADIENT_ARGS = ("d_rows_ptr", "d_weight_ptr", "d_bias_ptr")
-_autotune_snapshots = {}
 
 
 def _snapshot_gradients(kwargs, reset_only=False):
@@ -232,16 +239,17 @@ def _snapshot_gradients(kwargs, reset_only=False):
     and a restore (``_restore_gradients``), so the final launch adds to what was there.
 
     Our own hooks rather than ``restore_value``, which older autotuners also apply to the
-    gradients that are not computed (None). ``reset_only`` (before the final launch): nothing.
+    gradients that are not computed (None). The snapshot rides in the argument dict both
+    hooks receive, so concurrent autotuning (one thread per GPU) cannot mix them up.
+    ``reset_only`` (before the final launch): nothing to do.
     """
     if not reset_only:
-        _autotune_snapshots.update({name: kwargs[name].clone() for name in _GRADIENT_ARGS if kwargs[name] is not None})
+        kwargs["_snapshots"] = {name: kwargs[name].clone() for name in _GRADIENT_ARGS if kwargs[name] is not None}
 
 
 def _restore_gradients(kwargs, exception=None):
-    for name, saved in _autotune_snapshots.items():
+    for name, saved in kwargs.pop("_snapshots", {}).items():
         kwargs[name].copy_(saved)
-    _autotune_snapshots.clear()
 
 
 @triton.autotune(
@@ -361,10 +369,17 @@ _D_WEIGHT_CHUNK_ELEMENTS = 2**23
 
 
 def _vocab_chunk(M: int, V: int, D: int, sms: int) -> int:
-    """Vocabulary columns per backward launch: about 32 MiB of fp32 d_weight, widened so that
-    a launch of 128-row tiles still has four programs per SM when there are few rows."""
-    filling = 4 * sms * 128 // triton.cdiv(M, 128)
-    return min(V, triton.cdiv(max(_D_WEIGHT_CHUNK_ELEMENTS // D, filling), 256) * 256)
+    """Vocabulary columns per backward launch, a multiple of the 128-column tile: about
+    32 MiB of fp32 d_weight; when rows are few, widened (at most 4x) towards four whole
+    waves of 128 x 128 tiles over the SMs, so that each launch still fills the GPU."""
+    lean = max(1, _D_WEIGHT_CHUNK_ELEMENTS // (D * 128))
+    filling = max(1, 4 * sms // triton.cdiv(M, 128))  # rounded down: no straggling partial wave
+    return min(V, max(lean, min(filling, 4 * lean)) * 128)
+
+
+def _tile_grid(M: int, V: int):
+    """The backward's grid: one program per (row block, vocabulary block) tile."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(V, meta["BLOCK_N"]),)
 
 
 def linear_logprobs_backward_kernel(
@@ -378,6 +393,9 @@ def linear_logprobs_backward_kernel(
     ``vocab_chunk``: vocabulary columns per launch (default ``_vocab_chunk``).
     """
     M, (V, D) = row_index.shape[0], weight.shape
+    _check_row_vectors(row_index, targets, lse, grad)
+    if vocab_chunk is not None and vocab_chunk < 1:
+        raise ValueError(f"vocab_chunk must be a positive number of columns, got {vocab_chunk}")
     fp32 = dict(dtype=torch.float32, device=hidden.device)
     d_rows = torch.zeros((M, D), **fp32) if need_rows else None
     # An fp32 weight accumulates straight into its gradient; other dtypes through an fp32 chunk.
@@ -394,8 +412,7 @@ def linear_logprobs_backward_kernel(
         d_weight_chunk = None
         if need_weight:
             d_weight_chunk = d_weight[start:end] if scratch is None else scratch[: end - start].zero_()
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(end - start, meta["BLOCK_N"]),)  # noqa: E731
-        _linear_logprobs_backward_kernel[grid](
+        _linear_logprobs_backward_kernel[_tile_grid(M, end - start)](
             hidden, row_index, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
             d_rows, d_weight_chunk, None if d_bias is None else d_bias[start:end],
             M, end - start, D, start, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature,

@@ -23,7 +23,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 class _LinearLogprobs(torch.autograd.Function):
     """log p(target) (M,) fp32 of the rows ``hidden[row_index]`` (hidden (N, D)), whose targets
-    all lie in [0, V). The kernels gather the rows themselves: no copy of them is made or saved."""
+    all lie in [0, V). The kernels gather the rows themselves; ``hidden`` is saved for backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, targets, softcap, temperature):
@@ -59,11 +59,25 @@ _SCATTER_ELEMENTS = 2**22
 
 
 def _scatter_rows(rows, row_index, out):
-    """``out[row_index] = rows`` in out's dtype, a chunk of rows at a time."""
+    """``out[row_index] = rows`` in out's dtype, a chunk of rows at a time (indices are unique)."""
     step = max(1, _SCATTER_ELEMENTS // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
         out.index_copy_(0, row_index[start:start + step], rows[start:start + step].to(out.dtype))
     return out
+
+
+def _kernel_rows(hidden, flat_hidden, scored):
+    """(rows, row_index) for the kernels, which keep ``rows`` for backward.
+
+    When most rows are scored and ``flat_hidden`` is a view of ``hidden`` with unit stride
+    along D, the kernels gather from it: keeping hidden costs at most twice the copy it
+    replaces. Otherwise (SAMI's 80% prompt, a reshape that copied) only the scored rows
+    are copied and kept, so that hidden itself can be freed.
+    """
+    is_view = flat_hidden.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr()
+    if is_view and flat_hidden.stride(1) == 1 and 2 * scored.numel() >= flat_hidden.shape[0]:
+        return flat_hidden, scored
+    return flat_hidden.index_select(0, scored), torch.arange(scored.numel(), device=scored.device)
 
 
 def _check_cu_seqlens(cu_seqlens, n_rows, device):
@@ -171,9 +185,10 @@ def sequence_logprobs(
     scored_targets = targets.index_select(0, scored)
     # The kernels' dots are fp32 at best: fp64 takes the chunked torch path on every backend.
     if hidden.dtype != torch.float64 and use_triton(hidden, weight):
+        rows, row_index = _kernel_rows(hidden, flat_hidden, scored)
         per_row = _LinearLogprobs.apply(
-            flat_hidden if flat_hidden.stride(1) == 1 else flat_hidden.contiguous(), weight.contiguous(),
-            None if bias is None else bias.contiguous(), scored, scored_targets, softcap, temperature,
+            rows, weight.contiguous(), None if bias is None else bias.contiguous(), row_index, scored_targets,
+            softcap, temperature,
         )
     else:  # index_select's backward scatters the rows' gradient back into hidden's shape
         per_row = scored_token_logprobs(flat_hidden.index_select(0, scored), weight, scored_targets, bias, softcap,

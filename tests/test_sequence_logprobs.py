@@ -400,14 +400,17 @@ def test_numpy_scalars_are_accepted_for_softcap_and_temperature(backend):
 
 
 def test_vocab_chunk_keeps_the_fp32_accumulator_small_and_the_gpu_busy():
-    """Columns per backward launch on a 132-SM GPU: ~32 MiB of fp32 d_weight at many rows,
-    wider for few rows (four 128-row programs per SM), multiples of 256, never past V."""
+    """Columns per backward launch on a 132-SM GPU: ~32 MiB of fp32 d_weight at many rows;
+    for few rows wider, towards four whole waves of 128 x 128 tiles, but at most 4x (128 MiB);
+    whole 128-column tiles, never past V."""
     chunk = linear_logprobs._vocab_chunk
-    assert chunk(16384, 128256, 4096, 132) == 2048  # 2**23 / 4096
-    assert chunk(4096, 128256, 4096, 132) == 2304  # 32 row blocks: 4 * 132 * 128 / 32 = 2112, rounded up
-    assert chunk(512, 128256, 4096, 132) == 16896
+    assert chunk(16384, 128256, 4096, 132) == 2048  # 2**23 fp32 values / 4096
+    assert chunk(4096, 128256, 4096, 132) == 2048  # 32 row tiles x 16 = 512 tiles <= 4 waves of 132
+    assert chunk(2048, 128256, 4096, 132) == 4224  # 16 row tiles x 33 = 528 tiles = exactly 4 waves
+    assert chunk(512, 128256, 4096, 132) == 8192  # would want 132 column tiles: capped at 4 x 16
+    assert chunk(128, 128256, 4096, 132) == 8192
     assert chunk(16384, 262144, 8192, 132) == 1024
-    assert chunk(4096, 49152, 576, 132) == 14592
+    assert chunk(4096, 49152, 576, 132) == 14464
     assert chunk(10, 1000, 64, 132) == 1000
 
 
@@ -488,7 +491,7 @@ def test_scatter_rows_writes_every_gathered_row_in_steps(monkeypatch):
     assert torch.equal(out, expected)
 
 
-def test_triton_backward_never_allocates_an_fp32_copy_of_the_head(monkeypatch):
+def test_triton_backward_keeps_fp32_d_weight_to_one_vocabulary_chunk(monkeypatch):
     """For a bf16 head the fp32 accumulators are one vocabulary chunk of d_weight and the
     gathered rows' d_rows: nothing of V x D in fp32 (3 GB at Llama 3's head), and the
     gradient lands in the weight's dtype."""
@@ -511,3 +514,87 @@ def test_triton_backward_never_allocates_an_fp32_copy_of_the_head(monkeypatch):
     largest_fp32 = max(n for dtype, n in allocated if dtype == torch.float32)
     assert 256 * 45 <= largest_fp32 < 1001 * 45 // 2, allocated
     assert weight.grad.dtype == torch.bfloat16 and weight.grad.abs().sum() > 0
+
+
+def test_autotuning_every_chunk_keeps_the_accumulated_gradients(monkeypatch):
+    """The real autotuner, with two configurations and a key that changes at every
+    vocabulary chunk, so that trials run while d_rows already holds earlier chunks: the
+    gradients equal those of the untuned launches (the interpreter cannot time, so its
+    benchmark runs each trial a few times and calls the first fastest)."""
+    from triton.runtime.autotuner import Autotuner
+
+    trials = []
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        trials.append(len(trials))
+        return [float(len(trials) % 2)] * 3
+
+    kernel = linear_logprobs._linear_logprobs_backward_kernel
+    configs = [triton_config(64, 128, 64, 8), triton_config(32, 64, 32, 2)]
+    tuned = Autotuner(kernel.fn, kernel.arg_names, configs, ["D", "DOT_FP32", "vocab_start"], None, None,
+                      pre_hook=kernel.pre_hook, post_hook=kernel.post_hook, do_bench=bench)
+    gen = torch.Generator().manual_seed(12)
+    hidden, weight, bias = torch.randn(90, 48, generator=gen), torch.randn(700, 48, generator=gen), torch.randn(700)
+    hidden, weight, bias = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
+    row_index, targets = torch.randperm(90, generator=gen)[:70], torch.randint(0, 700, (70,), generator=gen)
+    grad = torch.randn(70, generator=gen)
+    _, lse = linear_logprobs.linear_logprobs_kernel(hidden, weight, row_index, targets, bias, 3.0, 0.8)
+    args = (hidden, weight, row_index, targets, lse, grad, bias, 3.0, 0.8)
+    untuned = linear_logprobs.linear_logprobs_backward_kernel(*args, need_bias=True, vocab_chunk=256)
+    monkeypatch.setattr(linear_logprobs, "_linear_logprobs_backward_kernel", tuned)
+    got = linear_logprobs.linear_logprobs_backward_kernel(*args, need_bias=True, vocab_chunk=256)
+    assert len(trials) == 2 * 3  # two configurations at each of the three chunks
+    # Another tile shape adds in another order: fp32 rounding, then one bf16 ulp at most for
+    # d_weight. A trial left in the buffers would double a chunk's contribution.
+    for name, a, b, rtol in zip(("d_rows", "d_weight", "d_bias"), got, untuned, (1e-5, 8e-3, 1e-5)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def triton_config(block_m, block_n, block_k, group_m):
+    import triton
+
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m})
+
+
+@pytest.mark.parametrize("layout", ["most_scored", "few_scored", "sequence_first"])
+def test_triton_path_keeps_hidden_or_only_the_scored_rows(monkeypatch, layout):
+    """What the Triton path keeps for backward: hidden itself when most rows are scored
+    (the kernels gather from it), else only a copy of the scored rows, so that hidden can
+    be freed: at SAMI's 80% prompt, or when hidden (sequence-first) cannot be viewed as rows."""
+    monkeypatch.setenv("SAMI_FAST_BACKEND", "triton")
+    B, T, D, V = 3, 20, 16, 50
+    hidden, weight, _, labels = make_inputs(B, T, D, V, ignored=0.0, seed=31)
+    if layout == "few_scored":
+        labels[:, : int(0.8 * T)] = IGNORE
+    hidden = hidden.float()
+    if layout == "sequence_first":
+        hidden = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    hidden.requires_grad_()
+    head = weight.float()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = sequence_logprobs(hidden, head, labels)
+    scored = int((labels[:, 1:] != IGNORE).sum())
+    row_sets = [t for t in saved if t.dim() == 2 and t.shape[1] == D and t.untyped_storage().data_ptr()
+                != head.untyped_storage().data_ptr()]
+    keeps_hidden = any(t.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr() for t in row_sets)
+    assert keeps_hidden == (layout == "most_scored")
+    if layout != "most_scored":
+        assert [tuple(t.shape) for t in row_sets] == [(scored, D)]
+    out.sum().backward()
+    expected = evaluate(reference.sequence_logprobs, hidden, weight, torch.zeros(V), labels, torch.ones(B),
+                        torch.float64, use_bias=False)
+    torch.testing.assert_close(hidden.grad.double(), expected[1], rtol=1e-5, atol=1e-6)
+
+
+def test_launchers_reject_strided_row_vectors_and_bad_chunks():
+    hidden, weight = torch.randn(6, 8), torch.randn(30, 8)
+    row_index, targets = torch.arange(6), torch.randint(0, 30, (6,))
+    with pytest.raises(ValueError, match="contiguous"):
+        linear_logprobs.linear_logprobs_kernel(hidden, weight, torch.arange(12)[::2], targets)
+    _, lse = linear_logprobs.linear_logprobs_kernel(hidden, weight, row_index, targets)
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        linear_logprobs.linear_logprobs_backward_kernel(hidden, weight, row_index, targets, lse, torch.ones(6),
+                                                        vocab_chunk=0)
