@@ -83,7 +83,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         softcap, temperature, chunk_rows = ctx.head_args
         need_rows, need_weight, _, need_bias = ctx.needs_input_grad[:4]
         accumulate = lse.dtype  # fp32 (fp64 for fp64 inputs)
-        fast = dict(dtype=accumulate, device=weight.device)
+        sums = dict(dtype=accumulate, device=weight.device)
         # Each row's du carries g / temperature, applied after the matmul with W: in an
         # fp16 operand g * du would flush to zero for per-token g ~ 1e-5.
         row_scale = grad_out.to(accumulate).div(temperature).unsqueeze(1)
@@ -91,10 +91,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         in_place = weight.dtype == accumulate  # W's own gradient can hold the sums
         width = vocab if in_place else max(1, min(vocab, D_WEIGHT_CHUNK_ELEMENTS // max(dim, 1)))
         block_rows = max(1, min(rows.shape[0], chunk_rows * vocab // width))  # forward's logits budget
-        d_rows = torch.zeros(rows.shape, **fast) if need_rows else None
+        d_rows = torch.zeros(rows.shape, **sums) if need_rows else None
         d_weight = (torch.zeros_like if in_place else torch.empty_like)(weight) if need_weight else None
-        scratch = torch.empty((width, dim), **fast) if need_weight and not in_place else None
-        d_bias = torch.zeros(vocab, **fast) if need_bias else None
+        scratch = torch.empty((width, dim), **sums) if need_weight and not in_place else None
+        d_bias = torch.zeros(vocab, **sums) if need_bias else None
         for first in range(0, vocab, width):
             last = min(first + width, vocab)
             head = _Head(weight[first:last], None if bias is None else bias[first:last], softcap, temperature,
