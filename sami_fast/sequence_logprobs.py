@@ -22,8 +22,9 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """log p(target) (M,) fp32 of the rows ``hidden[row_index]`` (hidden (N, D)), whose targets
-    all lie in [0, V). The kernels gather the rows themselves; ``hidden`` is saved for backward."""
+    """log p(target) (M,) fp32 of the rows ``hidden[row_index]`` (hidden (N, D); row_index
+    sorted and unique), whose targets all lie in [0, V). The kernels gather the rows
+    themselves; ``hidden`` is saved for backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, targets, softcap, temperature):
@@ -46,8 +47,12 @@ class _LinearLogprobs(torch.autograd.Function):
             hidden, weight, row_index, targets, lse, grad_logp.float().contiguous(), bias, softcap, temperature,
             need_hidden, need_weight, need_bias,
         )
+        if need_hidden:
+            # row_index is sorted and unique: as long as hidden, it is the identity.
+            identity = row_index.shape[0] == hidden.shape[0]
+            d_hidden = d_rows.to(hidden.dtype) if identity else _scatter_rows(d_rows, row_index, torch.zeros_like(hidden))
         return (
-            _scatter_rows(d_rows, row_index, torch.zeros_like(hidden)) if need_hidden else None,
+            d_hidden if need_hidden else None,
             d_weight,
             d_bias.to(bias.dtype) if need_bias else None,
             None, None, None, None,
