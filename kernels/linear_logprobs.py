@@ -49,9 +49,10 @@ buffer (rows x D) that every chunk adds into.
 
 Under TRITON_INTERPRET=1 (CPU) bf16 tl.dot is wrong, so the launchers set
 DOT_FP32 for bf16 to upcast the operands (fp16 keeps its tensor-core path, which
-the interpreter computes correctly); fp32 inputs also take that path (exact fp32
-products rather than tf32) and bf16/fp16 inputs on the GPU use the tensor cores
-with fp32 accumulation.
+the interpreter computes correctly); bf16/fp16 inputs on the GPU use the tensor
+cores with fp32 accumulation. fp32 inputs take the DOT_FP32 path too: exact fp32
+products, or TF32 tensor cores (TF32) when torch lets fp32 matmuls use TF32
+(``torch.set_float32_matmul_precision("high")``), as torch's own matmuls do.
 """
 
 import torch
@@ -85,8 +86,10 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr):
-    if DOT_FP32:
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, TF32: tl.constexpr):
+    if TF32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    elif DOT_FP32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
@@ -96,7 +99,7 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr):
 @triton.jit
 def _pre_softcap_logits(
     rows_ptr, weight_ptr, bias_ptr, row_ids, offs_n, D, stride_row, stride_weight,
-    HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """s = rows[row_ids] . weight[offs_n]^T + bias[offs_n] as an fp32 (BLOCK_M, BLOCK_N) tile.
@@ -115,7 +118,7 @@ def _pre_softcap_logits(
             in_d = offs_k[None, :] < D - k
             h = tl.load(row_ptrs, mask=in_d, other=0.0)
             w = tl.load(weight_ptrs, mask=in_d, other=0.0)
-        acc = _dot(h, tl.trans(w), acc, DOT_FP32)
+        acc = _dot(h, tl.trans(w), acc, DOT_FP32, TF32)
         row_ptrs += BLOCK_K
         weight_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -130,14 +133,15 @@ def _pre_softcap_logits(
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ]),
-    key=["V", "D", "DOT_FP32"],
+    key=["V", "D", "DOT_FP32", "TF32"],
 )
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _linear_logprobs_kernel(
     rows_ptr, row_index_ptr, weight_ptr, bias_ptr, targets_ptr, partial_lse_ptr, target_logit_ptr,
     M, V, D, stride_row, stride_weight, softcap, inv_temperature, n_splits,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -158,7 +162,7 @@ def _linear_logprobs_kernel(
         col_in = offs_n < V
         z = _pre_softcap_logits(
             rows_ptr, weight_ptr, bias_ptr, row_ids, offs_n % V, D, stride_row, stride_weight,
-            HAS_BIAS, EVEN_D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+            HAS_BIAS, EVEN_D, DOT_FP32, TF32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
@@ -200,6 +204,12 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) or (_INTERPRETED and dtype == torch.bfloat16)
 
 
+def _tf32(dtype: torch.dtype) -> bool:
+    """fp32 dots on TF32 tensor cores when torch allows it for fp32 matmuls
+    (``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``), as cuBLAS would."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+
+
 def _check_row_vectors(*vectors):
     # The kernels index these with unit stride.
     if not all(v.is_contiguous() for v in vectors):
@@ -224,7 +234,7 @@ def linear_logprobs_kernel(hidden, weight, row_index, targets, bias=None, softca
     _linear_logprobs_kernel[grid](
         hidden, row_index, weight, bias, targets, partial_lse, target_logit,
         M, V, D, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature, n_splits,
-        DOT_FP32=_dot_fp32(hidden.dtype),
+        DOT_FP32=_dot_fp32(hidden.dtype), TF32=_tf32(hidden.dtype),
     )
     lse = torch.logsumexp(partial_lse, dim=0)
     return target_logit - lse, lse
@@ -260,7 +270,7 @@ def _restore_gradients(kwargs, exception=None):
     ]),
     # Not V: a launch's V is its vocabulary chunk, whose width follows the row count
     # when rows are few; tuning again for every new width would stall training steps.
-    key=["D", "DOT_FP32"],
+    key=["D", "DOT_FP32", "TF32"],
     pre_hook=_snapshot_gradients,
     post_hook=_restore_gradients,
 )
@@ -275,7 +285,8 @@ def _linear_logprobs_backward_kernel(
     rows_ptr, row_index_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr,
     d_rows_ptr, d_weight_ptr, d_bias_ptr,
     M, V, D, vocab_start, stride_row, stride_weight, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, TF32: tl.constexpr,
     HAS_D_ROWS: tl.constexpr, HAS_D_WEIGHT: tl.constexpr, HAS_D_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -299,7 +310,7 @@ def _linear_logprobs_backward_kernel(
     row_ids = tl.load(row_index_ptr + rows_m)
     s = _pre_softcap_logits(
         rows_ptr, weight_ptr, bias_ptr, row_ids, cols_n, D, stride_row, stride_weight,
-        HAS_BIAS, EVEN_D, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        HAS_BIAS, EVEN_D, DOT_FP32, TF32, BLOCK_M, BLOCK_N, BLOCK_K,
     )
     if HAS_SOFTCAP:
         t = _tanh(s / softcap)
@@ -343,7 +354,7 @@ def _linear_logprobs_backward_kernel(
                 w = tl.load(weight_ptrs)
             else:
                 w = tl.load(weight_ptrs, mask=in_d, other=0.0)
-            d_rows = _dot(ds_operand, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32)
+            d_rows = _dot(ds_operand, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, TF32)
             if GRAD_AFTER_DOT:
                 d_rows = d_rows * grad[:, None]
             tl.atomic_add(d_rows_ptr + row_offsets, d_rows, mask=row_in[:, None] & in_d)
@@ -354,7 +365,8 @@ def _linear_logprobs_backward_kernel(
                 h = tl.load(row_ptrs, mask=in_d, other=0.0)
             if GRAD_AFTER_DOT:
                 h = (h.to(tl.float32) * row_weights[:, None]).to(tl.float16)
-            d_weight = _dot(tl.trans(ds_operand), h, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32)
+            d_weight = _dot(tl.trans(ds_operand), h, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32,
+                            TF32)
             if GRAD_AFTER_DOT:
                 d_weight = d_weight * grad_max
             tl.atomic_add(d_weight_ptr + weight_offsets, d_weight, mask=col_in[:, None] & in_d)
@@ -416,7 +428,7 @@ def linear_logprobs_backward_kernel(
             hidden, row_index, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
             d_rows, d_weight_chunk, None if d_bias is None else d_bias[start:end],
             M, end - start, D, start, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature,
-            DOT_FP32=_dot_fp32(hidden.dtype),
+            DOT_FP32=_dot_fp32(hidden.dtype), TF32=_tf32(hidden.dtype),
         )
         if scratch is not None:
             d_weight[start:end].copy_(d_weight_chunk)

@@ -57,29 +57,33 @@ def compile_kernel(kernel, signature, constexprs, num_warps=4, num_stages=3):
 
 
 def linear_logprobs_configs():
-    for dtype in ("bf16", "fp16", "fp32"):
-        dot_fp32 = dtype == "fp32"
+    # (name, pointer dtype, DOT_FP32, TF32): fp32 runs exact (ieee) dots, or TF32 tensor
+    # cores when torch allows TF32 for fp32 matmuls.
+    for name, dtype, dot_fp32, tf32 in (("bf16", "bf16", False, False), ("fp16", "fp16", False, False),
+                                        ("fp32", "fp32", True, False), ("fp32 tf32", "fp32", True, True)):
+        wants_tensor_cores = not dot_fp32 or tf32
+        flags = {"DOT_FP32": dot_fp32, "TF32": tf32}
         forward = {
-            "rows_ptr": f"*{dtype}", "row_index_ptr": "*i64", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
-            "partial_lse_ptr": "*fp32", "target_logit_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32",
-            "stride_row": "i32", "stride_weight": "i32", "softcap": "fp32", "inv_temperature": "fp32", "n_splits": "i32",
+            "rows_ptr": f"*{dtype}", "row_index_ptr": "*i64", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+            "targets_ptr": "*i64", "partial_lse_ptr": "*fp32", "target_logit_ptr": "*fp32", "M": "i32", "V": "i32",
+            "D": "i32", "stride_row": "i32", "stride_weight": "i32", "softcap": "fp32", "inv_temperature": "fp32",
+            "n_splits": "i32",
         }
         for config in linear._linear_logprobs_kernel.configs:
-            yield (f"linear_logprobs forward {dtype} {config.kwargs}", linear._linear_logprobs_kernel, forward,
-                   {"HAS_BIAS": True, "HAS_SOFTCAP": True, "EVEN_D": False, "DOT_FP32": dot_fp32, **config.kwargs},
-                   config.num_warps, config.num_stages, not dot_fp32)
+            yield (f"linear_logprobs forward {name} {config.kwargs}", linear._linear_logprobs_kernel, forward,
+                   {"HAS_BIAS": True, "HAS_SOFTCAP": True, "EVEN_D": False, **flags, **config.kwargs},
+                   config.num_warps, config.num_stages, wants_tensor_cores)
         backward = {
-            "rows_ptr": f"*{dtype}", "row_index_ptr": "*i64", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "targets_ptr": "*i64",
-            "lse_ptr": "*fp32", "grad_ptr": "*fp32", "d_rows_ptr": "*fp32", "d_weight_ptr": "*fp32",
-            "d_bias_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32", "vocab_start": "i32", "stride_row": "i32",
-            "stride_weight": "i32",
-            "softcap": "fp32", "inv_temperature": "fp32",
+            "rows_ptr": f"*{dtype}", "row_index_ptr": "*i64", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+            "targets_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32", "d_rows_ptr": "*fp32",
+            "d_weight_ptr": "*fp32", "d_bias_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32", "vocab_start": "i32",
+            "stride_row": "i32", "stride_weight": "i32", "softcap": "fp32", "inv_temperature": "fp32",
         }
         for config in linear._linear_logprobs_backward_kernel.configs:
-            yield (f"linear_logprobs backward {dtype} {config.kwargs}", linear._linear_logprobs_backward_kernel,
-                   backward, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "EVEN_D": True, "DOT_FP32": dot_fp32,
+            yield (f"linear_logprobs backward {name} {config.kwargs}", linear._linear_logprobs_backward_kernel,
+                   backward, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "EVEN_D": True, **flags,
                               "HAS_D_ROWS": True, "HAS_D_WEIGHT": True, "HAS_D_BIAS": True, **config.kwargs},
-                   config.num_warps, config.num_stages, not dot_fp32)
+                   config.num_warps, config.num_stages, wants_tensor_cores)
 
 
 def logits_logprobs_configs():
@@ -119,7 +123,7 @@ def main() -> int:
             compiled = compile_kernel(kernel, signature, constexprs, num_warps, num_stages)
             ptx = compiled.asm["ptx"]
             if wants_wgmma and "wgmma" not in ptx:
-                raise AssertionError("bf16 tl.dot did not lower to Hopper wgmma")
+                raise AssertionError("tl.dot did not lower to Hopper wgmma (tensor cores)")
             spills = spilled_bytes(ptx)
             print(f"ok    {name}: {compiled.metadata.shared} B shared memory, {spills} B spilled")
         except Exception as exc:  # report every configuration, then fail

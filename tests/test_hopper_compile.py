@@ -19,7 +19,8 @@ def test_all_kernels_compile_for_sm90():
     result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
-    for kernel in ("linear_logprobs forward bf16", "linear_logprobs backward bf16", "logits_logprobs forward",
+    for kernel in ("linear_logprobs forward bf16", "linear_logprobs backward bf16", "linear_logprobs forward fp32 tf32",
+                   "linear_logprobs backward fp32 tf32", "logits_logprobs forward",
                    "logits_logprobs backward", "mi_loss bf16 BLOCK=64 single_tile=False"):
         assert f"ok    {kernel}" in report, report
     # The small kernels must keep everything in registers at every configuration they launch with.

@@ -594,3 +594,20 @@ def test_launchers_reject_strided_row_vectors_and_bad_chunks():
     with pytest.raises(ValueError, match="vocab_chunk"):
         linear_logprobs.linear_logprobs_backward_kernel(hidden, weight, row_index, targets, lse, torch.ones(6),
                                                         vocab_chunk=0)
+
+
+def test_fp32_dots_follow_torchs_tf32_setting(monkeypatch):
+    """fp32 inputs run exact (ieee) dots unless torch allows TF32 for fp32 matmuls
+    (``torch.set_float32_matmul_precision("high")``), as cuBLAS does; bf16/fp16 never ask.
+    The TF32 kernels run here too (the interpreter computes them exactly); that they
+    lower to Hopper's TF32 tensor cores is checked by tests/test_hopper_compile.py."""
+    monkeypatch.setenv("SAMI_FAST_BACKEND", "triton")
+    previous = torch.get_float32_matmul_precision()
+    assert previous == "highest" and not linear_logprobs._tf32(torch.float32)
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert linear_logprobs._tf32(torch.float32)
+        assert not linear_logprobs._tf32(torch.bfloat16) and not linear_logprobs._tf32(torch.float16)
+        check_fp32(make_inputs(2, 9, 20, 300, seed=37), softcap=4.0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
