@@ -71,6 +71,13 @@ def _scatter_rows(rows, row_index, out):
     return out
 
 
+def _in_autocast_dtype(tensor, device_type):
+    """What torch.autocast does to a linear layer's inputs: fp32/bf16/fp16 to its dtype, fp64 untouched."""
+    if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return tensor.to(torch.get_autocast_dtype(device_type))
+    return tensor
+
+
 def _kernel_rows(hidden, flat_hidden, scored):
     """(rows, row_index) for the kernels, which keep ``rows`` for backward.
 
@@ -174,8 +181,12 @@ def sequence_logprobs(
     -inf logits (e.g. a -inf bias banning tokens) are fine except at a scored
     label. Differentiable w.r.t. hidden, weight and bias; gradients have their
     input's dtype. ``check_finite=False`` skips the host sync that rejects a
-    NaN/inf result (input checks still sync).
+    NaN/inf result (input checks still sync). Under ``torch.autocast`` the head
+    runs like the ``nn.Linear`` it stands for: fp32/bf16/fp16 hidden, weight and
+    bias are cast to the autocast dtype (their gradients come back in their own).
     """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        hidden, weight, bias = (_in_autocast_dtype(t, hidden.device.type) for t in (hidden, weight, bias))
     _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, temperature, ignore_index)
     softcap, temperature = (None if softcap is None else float(softcap)), float(temperature)  # numpy scalars too
     targets, segment, n_seq = _aligned_targets(labels, ignore_index, shift, cu_seqlens)

@@ -611,3 +611,26 @@ def test_fp32_dots_follow_torchs_tf32_setting(monkeypatch):
         check_fp32(make_inputs(2, 9, 20, 300, seed=37), softcap=4.0)
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend):
+    """Under torch.autocast (mixed-precision training with fp32 weights) the head runs in
+    bf16 like the nn.Linear it stands for: as close to fp64 as torch's own bf16 head, with
+    fp32 gradients for the fp32 leaves; outside autocast the same call stays fp32."""
+    hidden, weight, bias, labels = make_inputs(3, 29, 75, 517, seed=41)
+    upstream = upstream_for(3)
+    exact = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64)
+    torch_bf16 = evaluate(reference.sequence_logprobs, hidden, weight, bias, labels, upstream, torch.bfloat16)
+    leaves = [t.float().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sequence_logprobs(leaves[0], leaves[1], labels, bias=leaves[2])
+    (out.double() * upstream).sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in leaves)
+    ours = [out.detach().double()] + [t.grad.double() for t in leaves]
+    for name, a, t, e in zip(("value", "d_hidden", "d_weight", "d_bias"), ours, torch_bf16, exact):
+        tol = 2 * torch.finfo(torch.bfloat16).eps * max(1.0, e.abs().max().item())
+        excess = ((a - e).abs() - (t - e).abs() - tol).max().item()
+        assert excess <= 0, f"{name}: exceeds torch bf16 error by {excess:.3g}"
+    # It really ran in bf16: far from the fp32 answer, which plain fp32 reproduces.
+    fp32 = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float32)
+    assert (ours[0] - exact[0]).abs().max() > 10 * (fp32[0] - exact[0]).abs().max()
