@@ -205,9 +205,15 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 
 
 def _tf32(dtype: torch.dtype) -> bool:
-    """fp32 dots on TF32 tensor cores when torch allows it for fp32 matmuls
-    (``torch.set_float32_matmul_precision("high")`` or ``allow_tf32``), as cuBLAS would."""
-    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    """fp32 dots on TF32 tensor cores when torch allows TF32 for fp32 CUDA matmuls, as cuBLAS
+    would (``torch.set_float32_matmul_precision("high")``, or torch >= 2.9's
+    ``fp32_precision = "tf32"``, whose getter also resolves the legacy setting; reading the
+    legacy ``allow_tf32`` after the new API raises). Not on ROCm, whose Triton backend
+    takes TF32 dots on few chips."""
+    if dtype != torch.float32 or torch.version.hip is not None:
+        return False
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    return torch.backends.cuda.matmul.allow_tf32 if precision is None else precision == "tf32"
 
 
 def _check_row_vectors(*vectors):

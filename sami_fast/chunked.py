@@ -9,7 +9,8 @@ For aligned rows x_i (N, D), an LM head W (V, D), optional bias b (V,) and targe
 exactly ``sami_fast.reference.token_logprobs``, without ever holding the (N, V) logits.
 Only rows with a scored target are processed (in SAMI most rows are prompt), in
 chunks of ``chunk_rows``; the forward keeps the per-row log-sum-exp (fp32) and the
-backward recomputes each chunk's logits. With upstream gradient g_i and
+backward recomputes each chunk's logits (blocks of rows x vocabulary within the same
+``chunk_rows * V`` budget when the vocabulary is split). With upstream gradient g_i and
 p_i = softmax(z_i):
 
     dz_i = g_i · (onehot(t_i) - p_i)
@@ -23,6 +24,8 @@ An fp32 head accumulates straight into its gradient, in one vocabulary chunk. Th
 in-place chunk helpers below are shared with the torch path of
 ``sami_fast.get_batch_logprobs``.
 """
+
+import functools
 
 import torch
 
@@ -59,6 +62,20 @@ def onehot_minus_softmax_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Ten
     return z.scatter_add_(1, column.clamp(0, z.shape[1] - 1).unsqueeze(1), inside.to(z.dtype).unsqueeze(1))
 
 
+def _autocast_off(backward):
+    """A ``.backward()`` called inside an autocast region would recast the backward's
+    matmuls (an fp32 head's dx in bf16): they run in the dtypes the forward chose."""
+
+    @functools.wraps(backward)
+    def run(ctx, grad_out):
+        if not torch.is_autocast_enabled(grad_out.device.type):
+            return backward(ctx, grad_out)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return backward(ctx, grad_out)
+
+    return run
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """log p(target) of rows whose targets all lie in [0, V)."""
 
@@ -78,6 +95,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @_autocast_off
     def backward(ctx, grad_out):
         rows, weight, bias, targets, lse = ctx.saved_tensors
         softcap, temperature, chunk_rows = ctx.head_args
@@ -89,7 +107,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         row_scale = grad_out.to(accumulate).div(temperature).unsqueeze(1)
         vocab, dim = weight.shape
         in_place = weight.dtype == accumulate  # W's own gradient can hold the sums
-        width = vocab if in_place else max(1, min(vocab, D_WEIGHT_CHUNK_ELEMENTS // max(dim, 1)))
+        one_chunk = in_place or not need_weight
+        width = vocab if one_chunk else max(1, min(vocab, D_WEIGHT_CHUNK_ELEMENTS // max(dim, 1)))
         block_rows = max(1, min(rows.shape[0], chunk_rows * vocab // width))  # forward's logits budget
         d_rows = torch.zeros(rows.shape, **sums) if need_rows else None
         d_weight = (torch.zeros_like if in_place else torch.empty_like)(weight) if need_weight else None
@@ -97,28 +116,38 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         d_bias = torch.zeros(vocab, **sums) if need_bias else None
         for first in range(0, vocab, width):
             last = min(first + width, vocab)
-            head = _Head(weight[first:last], None if bias is None else bias[first:last], softcap, temperature,
-                         block_rows)
+            d_weight_chunk = None
             if need_weight:
                 d_weight_chunk = d_weight[first:last] if in_place else scratch[: last - first].zero_()
-            for start in range(0, rows.shape[0], block_rows):
-                end = min(start + block_rows, rows.shape[0])
-                z, tanh = head.logits(rows[start:end])
-                du = onehot_minus_softmax_(z, targets[start:end], lse[start:end], first)
-                if tanh is not None:
-                    du.mul_(tanh.square_().neg_().add_(1.0))
-                if need_rows:
-                    d_rows[start:end].addcmul_(torch.mm(head.in_weight_dtype(du), head.weight), row_scale[start:end])
-                du.mul_(row_scale[start:end])
-                if need_weight:
-                    d_weight_chunk.addmm_(du.t(), rows[start:end].to(du.dtype))
-                if need_bias:
-                    d_bias[first:last].add_(du.sum(dim=0))
+            head = _Head(weight[first:last], None if bias is None else bias[first:last], softcap, temperature,
+                         block_rows)
+            _add_vocab_chunk_gradients(rows, targets, lse, row_scale, head, first,
+                                       d_rows, d_weight_chunk, None if d_bias is None else d_bias[first:last])
+            del head  # its logits buffers go before the next chunk's are made
             if need_weight and not in_place:
                 d_weight[first:last].copy_(d_weight_chunk)
         d_rows = d_rows.to(rows.dtype) if need_rows else None
         d_bias = d_bias.to(bias.dtype) if need_bias else None
         return d_rows, d_weight, None, d_bias, None, None, None
+
+
+def _add_vocab_chunk_gradients(rows, targets, lse, row_scale, head, first, d_rows, d_weight, d_bias):
+    """Add the gradients of the vocabulary columns ``first ..`` that ``head`` covers, a block of
+    rows at a time: into d_rows (all rows), d_weight and d_bias (this chunk's). A function of
+    its own so that no view of the head's logits buffers outlives the chunk."""
+    for start in range(0, rows.shape[0], head.z.shape[0]):
+        end = min(start + head.z.shape[0], rows.shape[0])
+        z, tanh = head.logits(rows[start:end])
+        du = onehot_minus_softmax_(z, targets[start:end], lse[start:end], first)
+        if tanh is not None:
+            du.mul_(tanh.square_().neg_().add_(1.0))
+        if d_rows is not None:
+            d_rows[start:end].addcmul_(torch.mm(head.in_weight_dtype(du), head.weight), row_scale[start:end])
+        du.mul_(row_scale[start:end])
+        if d_weight is not None:
+            d_weight.addmm_(du.t(), rows[start:end].to(du.dtype))
+        if d_bias is not None:
+            d_bias.add_(du.sum(dim=0))
 
 
 class _Head:

@@ -85,16 +85,19 @@ def test_random_shapes_match_reference(N, D, V, chunk_rows, ignored, bias, softc
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("vocab_chunk", [None, 96])
-def test_low_precision_no_worse_than_torch_same_dtype(dtype, softcap, vocab_chunk, monkeypatch):
+@pytest.mark.parametrize("vocab_chunk, chunk_rows, temperature", [(None, 10, 1.0), (96, 10, 1.0), (96, 1, 0.7)])
+def test_low_precision_no_worse_than_torch_same_dtype(dtype, softcap, vocab_chunk, chunk_rows, temperature,
+                                                      monkeypatch):
     """vocab_chunk: the backward's fp32 dW accumulator covers 96 vocabulary rows at a time
-    (11 chunks, the last ragged) instead of the default, here all 1001 in one."""
+    (11 chunks, the last ragged) instead of the default, here all 1001 in one; with
+    chunk_rows=1 its logits blocks hold 10 rows (4 row blocks per chunk)."""
     if vocab_chunk is not None:
         monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", vocab_chunk * 123)
     case = make_case(33, 123, 1001, scale=4.0)
-    exact = value_and_grads(reference, *case, torch.float64, softcap=softcap)
-    same_dtype = value_and_grads(reference, *case, dtype, softcap=softcap)
-    actual = value_and_grads(ours, *case, dtype, softcap=softcap, chunk_rows=10)
+    kw = dict(softcap=softcap, temperature=temperature)
+    exact = value_and_grads(reference, *case, torch.float64, **kw)
+    same_dtype = value_and_grads(reference, *case, dtype, **kw)
+    actual = value_and_grads(ours, *case, dtype, chunk_rows=chunk_rows, **kw)
     tol = 4 * torch.finfo(dtype).eps
     for name, a, s, e in zip(("out", "d_rows", "d_weight", "d_bias"), actual, same_dtype, exact):
         scale = max(1.0, e.abs().max().item())
@@ -219,3 +222,48 @@ def test_low_precision_head_gets_no_fp32_copy_of_its_gradient(monkeypatch):
     expected = value_and_grads(reference, rows, weight, None, targets, grad, torch.float64)
     assert w.grad.dtype == torch.bfloat16
     assert_rel_close(w.grad.double(), expected[2], 2e-2)
+
+
+def test_backward_inside_autocast_keeps_the_forwards_dtypes():
+    """A .backward() called inside an autocast region (a common slip) must not recast the
+    backward's matmuls: an fp32 head's gradients are those of a plain backward."""
+    rows, weight, bias, targets, grad = make_case(18, 64, 300, scale=2.0, seed=6)
+    grads = []
+    for under_autocast in (False, True):
+        x, w = rows.float().requires_grad_(), weight.float().requires_grad_()
+        out = chunked_token_logprobs(x, w, targets, chunk_rows=7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=under_autocast):
+            out.backward(grad.float())
+        grads.append((x.grad, w.grad))
+    for plain, inside in zip(*grads):
+        torch.testing.assert_close(inside, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_backward_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    """Peak of what the bf16 backward allocates: one vocabulary chunk's logits buffers plus
+    the accumulators and the gradient, never two chunks' buffers at once."""
+    import weakref
+
+    monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", 1000 * 32)  # 4 vocabulary chunks
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(64, 32, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(4000, 32, generator=gen).bfloat16().requires_grad_()
+    out = chunked_token_logprobs(x, w, torch.randint(0, 4000, (64,), generator=gen), chunk_rows=16)
+    live = {"now": 0, "peak": 0}
+    for name in ("empty", "zeros", "empty_like", "zeros_like"):
+        original = getattr(torch, name)
+
+        def tracked(*args, _original=original, **kwargs):
+            tensor = _original(*args, **kwargs)
+            size = tensor.numel() * tensor.element_size()
+            live["now"] += size
+            live["peak"] = max(live["peak"], live["now"])
+            weakref.finalize(tensor, lambda size=size: live.__setitem__("now", live["now"] - size))
+            return tensor
+
+        monkeypatch.setattr(torch, name, tracked)
+    out.sum().backward()
+    monkeypatch.undo()
+    logits_buffers = 64 * 1000 * (4 + 2)  # fp32 z and the bf16 product of one chunk (all 64 rows in a block)
+    accumulators = 64 * 32 * 4 + 1000 * 32 * 4 + 4000 * 32 * 2  # fp32 dx, fp32 dW chunk, bf16 dW
+    assert logits_buffers + accumulators <= live["peak"] < 2 * logits_buffers + accumulators

@@ -597,20 +597,33 @@ def test_launchers_reject_strided_row_vectors_and_bad_chunks():
 
 
 def test_fp32_dots_follow_torchs_tf32_setting(monkeypatch):
-    """fp32 inputs run exact (ieee) dots unless torch allows TF32 for fp32 matmuls
-    (``torch.set_float32_matmul_precision("high")``), as cuBLAS does; bf16/fp16 never ask.
-    The TF32 kernels run here too (the interpreter computes them exactly); that they
-    lower to Hopper's TF32 tensor cores is checked by tests/test_hopper_compile.py."""
+    """fp32 inputs run exact (ieee) dots unless torch allows TF32 for fp32 matmuls, through
+    the legacy ``set_float32_matmul_precision("high")`` or torch >= 2.9's ``fp32_precision``
+    (after which the legacy getters raise), as cuBLAS does; bf16/fp16 never ask. The TF32
+    kernels run here too (the interpreter computes them exactly); that they lower to
+    Hopper's TF32 tensor cores is checked by tests/test_hopper_compile.py."""
     monkeypatch.setenv("SAMI_FAST_BACKEND", "triton")
     previous = torch.get_float32_matmul_precision()
-    assert previous == "highest" and not linear_logprobs._tf32(torch.float32)
-    torch.set_float32_matmul_precision("high")
     try:
+        torch.set_float32_matmul_precision("highest")
+        assert not linear_logprobs._tf32(torch.float32)
+        torch.set_float32_matmul_precision("high")
         assert linear_logprobs._tf32(torch.float32)
         assert not linear_logprobs._tf32(torch.bfloat16) and not linear_logprobs._tf32(torch.float16)
         check_fp32(make_inputs(2, 9, 20, 300, seed=37), softcap=4.0)
     finally:
         torch.set_float32_matmul_precision(previous)
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # last: the legacy getters raise once it was set
+        before = matmul.fp32_precision
+        try:
+            matmul.fp32_precision = "tf32"
+            assert linear_logprobs._tf32(torch.float32)
+            check_fp32(make_inputs(2, 9, 20, 300, seed=38))
+            matmul.fp32_precision = "ieee"
+            assert not linear_logprobs._tf32(torch.float32)
+        finally:
+            matmul.fp32_precision = before
 
 
 def test_autocast_runs_the_head_in_the_autocast_dtype(backend):
