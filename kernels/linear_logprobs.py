@@ -204,9 +204,9 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) or (_INTERPRETED and dtype == torch.bfloat16)
 
 
-def _tf32(dtype: torch.dtype) -> bool:
-    """fp32 dots on TF32 tensor cores when torch allows TF32 for fp32 CUDA matmuls, as cuBLAS
-    would (``torch.set_float32_matmul_precision("high")``, or torch >= 2.9's
+def tf32_dots(dtype: torch.dtype) -> bool:
+    """Whether fp32 dots may use TF32 tensor cores: when torch allows TF32 for fp32 CUDA
+    matmuls, as cuBLAS would (``torch.set_float32_matmul_precision("high")``, or torch >= 2.9's
     ``fp32_precision = "tf32"``, whose getter also resolves the legacy setting; reading the
     legacy ``allow_tf32`` after the new API raises). Not on ROCm, whose Triton backend
     takes TF32 dots on few chips."""
@@ -222,12 +222,16 @@ def _check_row_vectors(*vectors):
         raise ValueError("row_index, targets (and lse, grad) must be contiguous")
 
 
-def linear_logprobs_kernel(hidden, weight, row_index, targets, bias=None, softcap=None, temperature=1.0):
+def linear_logprobs_kernel(
+    hidden, weight, row_index, targets, bias=None, softcap=None, temperature=1.0, tf32=False,
+):
     """(log p(target) (M,), lse (M,)) in fp32 of the rows ``hidden[row_index]`` (M = len(row_index)).
 
     hidden (N, D) with unit stride along D, weight (V, D) contiguous, row_index and
     targets (M,) int64. Every target must lie in [0, V): the caller drops ignored rows
     beforehand. Logits may be -inf (a -inf bias bans tokens) except at the targets.
+    ``tf32``: fp32 inputs' dots on TF32 tensor cores (``tf32_dots`` says whether torch
+    allows it); the backward must be given the same choice.
     """
     M, (V, D) = row_index.shape[0], weight.shape
     _check_row_vectors(row_index, targets)
@@ -240,7 +244,7 @@ def linear_logprobs_kernel(hidden, weight, row_index, targets, bias=None, softca
     _linear_logprobs_kernel[grid](
         hidden, row_index, weight, bias, targets, partial_lse, target_logit,
         M, V, D, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature, n_splits,
-        DOT_FP32=_dot_fp32(hidden.dtype), TF32=_tf32(hidden.dtype),
+        DOT_FP32=_dot_fp32(hidden.dtype), TF32=tf32 and hidden.dtype == torch.float32,
     )
     lse = torch.logsumexp(partial_lse, dim=0)
     return target_logit - lse, lse
@@ -402,7 +406,7 @@ def _tile_grid(M: int, V: int):
 
 def linear_logprobs_backward_kernel(
     hidden, weight, row_index, targets, lse, grad, bias=None, softcap=None, temperature=1.0,
-    need_rows=True, need_weight=True, need_bias=False, vocab_chunk=None,
+    need_rows=True, need_weight=True, need_bias=False, vocab_chunk=None, tf32=False,
 ):
     """(d_rows fp32 (M, D), d_weight in weight's dtype, d_bias fp32) of the rows ``hidden[row_index]``
     for per-row upstream gradients ``grad`` (M,) fp32; a gradient that is not needed is None
@@ -434,7 +438,7 @@ def linear_logprobs_backward_kernel(
             hidden, row_index, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
             d_rows, d_weight_chunk, None if d_bias is None else d_bias[start:end],
             M, end - start, D, start, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature,
-            DOT_FP32=_dot_fp32(hidden.dtype), TF32=_tf32(hidden.dtype),
+            DOT_FP32=_dot_fp32(hidden.dtype), TF32=tf32 and hidden.dtype == torch.float32,
         )
         if scratch is not None:
             d_weight[start:end].copy_(d_weight_chunk)

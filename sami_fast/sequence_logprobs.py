@@ -28,9 +28,11 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_index, targets, softcap, temperature):
-        from sami_fast.kernels.linear_logprobs import linear_logprobs_kernel
+        from sami_fast.kernels.linear_logprobs import linear_logprobs_kernel, tf32_dots
 
-        logp, lse = linear_logprobs_kernel(hidden, weight, row_index, targets, bias, softcap, temperature)
+        # Read once: the backward recomputes the logits with the same precision as the saved LSE.
+        ctx.tf32 = tf32_dots(hidden.dtype)
+        logp, lse = linear_logprobs_kernel(hidden, weight, row_index, targets, bias, softcap, temperature, ctx.tf32)
         ctx.save_for_backward(hidden, weight, bias, row_index, targets, lse)
         ctx.logit_transform = (softcap, temperature)
         return logp
@@ -45,7 +47,7 @@ class _LinearLogprobs(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_rows, d_weight, d_bias = linear_logprobs_backward_kernel(
             hidden, weight, row_index, targets, lse, grad_logp.float().contiguous(), bias, softcap, temperature,
-            need_hidden, need_weight, need_bias,
+            need_hidden, need_weight, need_bias, tf32=ctx.tf32,
         )
         if need_hidden:
             # row_index is sorted and unique: as long as hidden, it is the identity.

@@ -606,10 +606,10 @@ def test_fp32_dots_follow_torchs_tf32_setting(monkeypatch):
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert not linear_logprobs._tf32(torch.float32)
+        assert not linear_logprobs.tf32_dots(torch.float32)
         torch.set_float32_matmul_precision("high")
-        assert linear_logprobs._tf32(torch.float32)
-        assert not linear_logprobs._tf32(torch.bfloat16) and not linear_logprobs._tf32(torch.float16)
+        assert linear_logprobs.tf32_dots(torch.float32)
+        assert not linear_logprobs.tf32_dots(torch.bfloat16) and not linear_logprobs.tf32_dots(torch.float16)
         check_fp32(make_inputs(2, 9, 20, 300, seed=37), softcap=4.0)
     finally:
         torch.set_float32_matmul_precision(previous)
@@ -618,10 +618,10 @@ def test_fp32_dots_follow_torchs_tf32_setting(monkeypatch):
         before = matmul.fp32_precision
         try:
             matmul.fp32_precision = "tf32"
-            assert linear_logprobs._tf32(torch.float32)
+            assert linear_logprobs.tf32_dots(torch.float32)
             check_fp32(make_inputs(2, 9, 20, 300, seed=38))
             matmul.fp32_precision = "ieee"
-            assert not linear_logprobs._tf32(torch.float32)
+            assert not linear_logprobs.tf32_dots(torch.float32)
         finally:
             matmul.fp32_precision = before
 
@@ -647,3 +647,25 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(backend):
     # It really ran in bf16: far from the fp32 answer, which plain fp32 reproduces.
     fp32 = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float32)
     assert (ours[0] - exact[0]).abs().max() > 10 * (fp32[0] - exact[0]).abs().max()
+
+
+def test_backward_uses_the_forwards_tf32_choice(monkeypatch):
+    """The backward recomputes logits against the forward's saved LSE: it must use the
+    forward's dot precision even if torch's TF32 setting changed in between."""
+    monkeypatch.setenv("SAMI_FAST_BACKEND", "triton")
+    hidden, weight, bias, labels = make_inputs(2, 9, 20, 300, seed=39)
+    requested = []
+    launcher = linear_logprobs.linear_logprobs_backward_kernel
+    monkeypatch.setattr(linear_logprobs, "linear_logprobs_backward_kernel",
+                        lambda *args, **kwargs: requested.append(kwargs["tf32"]) or launcher(*args, **kwargs))
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for forward, backward in (("high", "highest"), ("highest", "high")):
+            h = hidden.float().requires_grad_()
+            torch.set_float32_matmul_precision(forward)
+            out = sequence_logprobs(h, weight.float(), labels)
+            torch.set_float32_matmul_precision(backward)
+            out.sum().backward()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert requested == [True, False]
