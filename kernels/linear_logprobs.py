@@ -426,8 +426,13 @@ def linear_logprobs_backward_kernel(
     d_bias = torch.zeros(V, **fp32) if need_bias else None
     if M == 0 or not (need_rows or need_weight or need_bias):
         return d_rows, d_weight, d_bias
-    if vocab_chunk is None:  # the CPU tests run several chunks
-        vocab_chunk = 256 if _INTERPRETED else _vocab_chunk(M, V, D, _sm_count(hidden.device))
+    if vocab_chunk is None:
+        if _INTERPRETED:
+            vocab_chunk = 256  # the CPU tests run several chunks
+        elif not need_weight:
+            vocab_chunk = V  # a frozen head: no d_weight to accumulate chunk by chunk
+        else:
+            vocab_chunk = _vocab_chunk(M, V, D, _sm_count(hidden.device))
     scratch = torch.empty((min(vocab_chunk, V), D), **fp32) if need_weight and not in_place else None
     for start in range(0, V, vocab_chunk):
         end = min(start + vocab_chunk, V)
