@@ -4,7 +4,9 @@ TRITON_INTERPRET must be set before any module decorated with @triton.jit is
 imported, because @triton.jit chooses the interpreter at decoration time.
 """
 
+import contextlib
 import os
+import weakref
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -22,3 +24,52 @@ def backend(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class AllocationLog:
+    """Tensors made through torch's factories while recording: (dtype, shape) of each, and the
+    peak of the bytes alive at once (a tensor's bytes are counted off when it is freed)."""
+
+    FACTORIES = ("empty", "zeros", "empty_like", "zeros_like")
+
+    def __init__(self):
+        self.made = []
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def numels(self, dtype):
+        return [torch.Size(shape).numel() for made_dtype, shape in self.made if made_dtype == dtype]
+
+    def _track(self, factory):
+        def make(*args, **kwargs):
+            tensor = factory(*args, **kwargs)
+            size = tensor.numel() * tensor.element_size()
+            self.made.append((tensor.dtype, tuple(tensor.shape)))
+            self.live_bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            weakref.finalize(tensor, self._free, size)
+            return tensor
+
+        return make
+
+    def _free(self, size):
+        self.live_bytes -= size
+
+
+@pytest.fixture
+def allocations():
+    """``with allocations() as log:`` records what the block allocates (see AllocationLog)."""
+
+    @contextlib.contextmanager
+    def record():
+        log = AllocationLog()
+        factories = {name: getattr(torch, name) for name in AllocationLog.FACTORIES}
+        for name, factory in factories.items():
+            setattr(torch, name, log._track(factory))
+        try:
+            yield log
+        finally:
+            for name, factory in factories.items():
+                setattr(torch, name, factory)
+
+    return record

@@ -197,7 +197,7 @@ def test_bad_input_raises(change, error, match):
         chunked_token_logprobs(args.pop("rows"), args.pop("weight"), args.pop("targets"), **args)
 
 
-def test_low_precision_head_gets_no_fp32_copy_of_its_gradient(monkeypatch):
+def test_low_precision_head_gets_no_fp32_copy_of_its_gradient(monkeypatch, allocations):
     """A bf16 head's dW sums in fp32 one vocabulary chunk at a time: the largest fp32
     allocation of the backward is that chunk (or the rows' dx), never V x D, and the chunks
     together give every row of dW."""
@@ -205,20 +205,9 @@ def test_low_precision_head_gets_no_fp32_copy_of_its_gradient(monkeypatch):
     rows, weight, bias, targets, grad = make_case(30, 24, 301, seed=8)
     x, w = rows.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
     out = chunked_token_logprobs(x, w, targets, chunk_rows=8)
-    allocated = []
-    for name in ("empty", "zeros", "empty_like", "zeros_like"):
-        original = getattr(torch, name)
-
-        def spy(*args, _original=original, **kwargs):
-            tensor = _original(*args, **kwargs)
-            allocated.append((tensor.dtype, tuple(tensor.shape)))
-            return tensor
-
-        monkeypatch.setattr(torch, name, spy)
-    out.backward(grad.float())
-    monkeypatch.undo()
-    fp32_sizes = [torch.Size(shape).numel() for dtype, shape in allocated if dtype == torch.float32]
-    assert (torch.float32, (40, 24)) in allocated and max(fp32_sizes) < 301 * 24 // 2, allocated
+    with allocations() as log:
+        out.backward(grad.float())
+    assert (torch.float32, (40, 24)) in log.made and max(log.numels(torch.float32)) < 301 * 24 // 2, log.made
     expected = value_and_grads(reference, rows, weight, None, targets, grad, torch.float64)
     assert w.grad.dtype == torch.bfloat16
     assert_rel_close(w.grad.double(), expected[2], 2e-2)
@@ -239,31 +228,16 @@ def test_backward_inside_autocast_keeps_the_forwards_dtypes():
         torch.testing.assert_close(inside, plain, rtol=1e-6, atol=1e-7)
 
 
-def test_chunked_backward_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+def test_chunked_backward_holds_one_chunk_of_logits_at_a_time(monkeypatch, allocations):
     """Peak of what the bf16 backward allocates: one vocabulary chunk's logits buffers plus
     the accumulators and the gradient, never two chunks' buffers at once."""
-    import weakref
-
     monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", 1000 * 32)  # 4 vocabulary chunks
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(64, 32, generator=gen).bfloat16().requires_grad_()
     w = torch.randn(4000, 32, generator=gen).bfloat16().requires_grad_()
     out = chunked_token_logprobs(x, w, torch.randint(0, 4000, (64,), generator=gen), chunk_rows=16)
-    live = {"now": 0, "peak": 0}
-    for name in ("empty", "zeros", "empty_like", "zeros_like"):
-        original = getattr(torch, name)
-
-        def tracked(*args, _original=original, **kwargs):
-            tensor = _original(*args, **kwargs)
-            size = tensor.numel() * tensor.element_size()
-            live["now"] += size
-            live["peak"] = max(live["peak"], live["now"])
-            weakref.finalize(tensor, lambda size=size: live.__setitem__("now", live["now"] - size))
-            return tensor
-
-        monkeypatch.setattr(torch, name, tracked)
-    out.sum().backward()
-    monkeypatch.undo()
+    with allocations() as log:
+        out.sum().backward()
     logits_buffers = 64 * 1000 * (4 + 2)  # fp32 z and the bf16 product of one chunk (all 64 rows in a block)
     accumulators = 64 * 32 * 4 + 1000 * 32 * 4 + 4000 * 32 * 2  # fp32 dx, fp32 dW chunk, bf16 dW
-    assert logits_buffers + accumulators <= live["peak"] < 2 * logits_buffers + accumulators
+    assert logits_buffers + accumulators <= log.peak_bytes < 2 * logits_buffers + accumulators

@@ -487,7 +487,7 @@ def test_scatter_rows_writes_every_gathered_row_in_steps(monkeypatch):
     assert torch.equal(out, expected)
 
 
-def test_triton_backward_keeps_fp32_d_weight_to_one_vocabulary_chunk(monkeypatch):
+def test_triton_backward_keeps_fp32_d_weight_to_one_vocabulary_chunk(monkeypatch, allocations):
     """For a bf16 head the fp32 accumulators are one vocabulary chunk of d_weight and the
     gathered rows' d_rows: nothing of V x D in fp32 (3 GB at Llama 3's head), and the
     gradient lands in the weight's dtype."""
@@ -495,20 +495,10 @@ def test_triton_backward_keeps_fp32_d_weight_to_one_vocabulary_chunk(monkeypatch
     hidden, weight, bias, labels = make_inputs(2, 60, 45, 1001, seed=29)
     hidden, weight = hidden.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
     out = sequence_logprobs(hidden, weight, labels)
-    allocated = []
-    for name in ("empty", "zeros", "empty_like", "zeros_like"):
-        original = getattr(torch, name)
-
-        def spy(*args, _original=original, **kwargs):
-            tensor = _original(*args, **kwargs)
-            allocated.append((tensor.dtype, tensor.numel()))
-            return tensor
-
-        monkeypatch.setattr(torch, name, spy)
-    out.sum().backward()
-    monkeypatch.undo()
-    largest_fp32 = max(n for dtype, n in allocated if dtype == torch.float32)
-    assert 256 * 45 <= largest_fp32 < 1001 * 45 // 2, allocated
+    with allocations() as log:
+        out.sum().backward()
+    largest_fp32 = max(log.numels(torch.float32))
+    assert 256 * 45 <= largest_fp32 < 1001 * 45 // 2, log.made
     assert weight.grad.dtype == torch.bfloat16 and weight.grad.abs().sum() > 0
 
 
