@@ -152,8 +152,8 @@ def run_prompts(parts: CausalLMParts, prompts, pad_id: int) -> PromptStates:
     )
 
 
-def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int):
-    """Mean log-prob of ``responses[i]`` given prompt ``pair_prompt[i]`` of ``states``: shape (n,).
+def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int, reduction="mean"):
+    """Mean (``reduction="sum"``: summed) log-prob of ``responses[i]`` given prompt ``pair_prompt[i]``: shape (n,).
 
     Response i is fed without its last token (which predicts nothing); its first
     token is predicted by the prompt's last hidden state, so each pair is the
@@ -187,7 +187,7 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
         torch.cat(list(responses)),
         shift=False,
         cu_seqlens=cu_seqlens,
-        reduction="mean",
+        reduction=reduction,
         bias=parts.head_bias,
         softcap=parts.softcap,
         temperature=parts.temperature,

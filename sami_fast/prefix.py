@@ -7,6 +7,7 @@ SAMI loss and accumulates its parameter gradients by gradient caching, so its
 peak memory is one chunk's, whatever C*R is.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from sami_fast.hf import (
 )
 from sami_fast.loss import sami_loss
 from sami_fast.validation import check_tensor
+
+SCORE_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
@@ -114,7 +117,12 @@ def _run(model, fn, *args, checkpointed: bool):
     return checkpoint(run, *args, use_reentrant=False) if checkpointed else run(*args)
 
 
-def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None) -> torch.Tensor:
+def _check_reduction(reduction) -> None:
+    if reduction not in SCORE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, SCORE_REDUCTIONS))}, got {reduction!r}")
+
+
+def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None, reduction="mean") -> torch.Tensor:
     """(B, C, R) SAMI scores: ``[b, k, j]`` = mean log-prob of ``responses[b][j]`` given ``prompts[b][k]``.
 
     ``prompts``: B lists of C 1-D LongTensors (principle + query ids, BOS
@@ -124,8 +132,10 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     parameter. All prompts run in one forward; the B*C*R responses run in one
     forward, or ``micro_batch_size`` pairs at a time, on copies of their prompt's
     cache. With gradient checkpointing enabled (training mode) the prompt pass and
-    each response chunk are checkpointed as a whole.
+    each response chunk are checkpointed as a whole. ``reduction="sum"`` gives
+    summed instead of mean response-token log-probs.
     """
+    _check_reduction(reduction)
     parts = causal_lm_parts(model)
     pairs = _pairs(parts, prompts, responses, pad_token_id)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
@@ -140,6 +150,7 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
             pairs.pair_prompt[s:e],
             [pairs.responses[i] for i in pairs.pair_response[s:e]],
             pairs.pad_id,
+            reduction,
             checkpointed=checkpointed,
         )
         for s, e in chunks
@@ -147,13 +158,13 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     return torch.cat(scores).reshape(pairs.shape)
 
 
-def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int) -> torch.Tensor:
+def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str) -> torch.Tensor:
     """Scores of pairs [start, stop), re-running just the prompts they need."""
     first = int(pairs.pair_prompt[start])
     last = int(pairs.pair_prompt[stop - 1])
     states = run_prompts(parts, pairs.prompts[first : last + 1], pairs.pad_id)
     responses = [pairs.responses[i] for i in pairs.pair_response[start:stop]]
-    return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id)
+    return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id, reduction)
 
 
 def _rng_state(device: torch.device):
@@ -166,7 +177,7 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None):
+def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0):
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
 
     Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
@@ -175,8 +186,14 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None):
     graph and back-propagates its slice of that gradient. A chunk re-runs the
     prompts it needs. The RNG state is replayed per chunk so dropout draws the
     same masks in (1) and (3). Returns ``(loss (detached), stats)`` with stats
-    from the SAMI loss (row/column accuracy, MI lower bound).
+    from the SAMI loss (row/column accuracy, MI lower bound). ``reduction``: the
+    scores, as in ``logprob_matrix``. ``loss_weight``: the gradients accumulated are
+    those of ``loss_weight * loss`` (gradient accumulation over batches of
+    different sizes weights each by its share); the returned loss is unweighted.
     """
+    _check_reduction(reduction)
+    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight):
+        raise ValueError(f"loss_weight must be a finite number, got {loss_weight!r}")
     parts = causal_lm_parts(model)
     pairs = _pairs(parts, prompts, responses, pad_token_id=None)
     B, C, R = pairs.shape
@@ -199,16 +216,16 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None):
             pieces = []
             for start, stop in chunks:
                 replay.append(_rng_state(device))
-                pieces.append(_chunk_scores(parts, pairs, start, stop))
+                pieces.append(_chunk_scores(parts, pairs, start, stop, reduction))
         matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()
         with torch.enable_grad():
             loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True)
             (d_matrix,) = torch.autograd.grad(loss, matrix)
-        d_scores = d_matrix.reshape(-1)
+        d_scores = d_matrix.reshape(-1) * loss_weight
         resume = _rng_state(device)
         for (start, stop), state in zip(chunks, replay):
             _set_rng_state(device, state)
             with torch.enable_grad():
-                _chunk_scores(parts, pairs, start, stop).backward(d_scores[start:stop])
+                _chunk_scores(parts, pairs, start, stop, reduction).backward(d_scores[start:stop])
         _set_rng_state(device, resume)
     return loss.detach(), stats

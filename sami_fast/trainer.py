@@ -7,6 +7,7 @@ bounded by one micro-batch of (prompt, response) pairs, whatever C*R is.
 """
 
 import math
+import warnings
 
 import torch
 
@@ -130,51 +131,145 @@ def encode_sami_batch(tokenizer, constitutions, queries, responses, *, template=
     return prompts, response_ids
 
 
-class SAMITrainer:
-    """One SAMI optimiser step per call: gradient-cached backward, optional clipping, update.
+class MasterWeights:
+    """fp32 master copies of a low-precision model's trainable parameters.
 
-    ``micro_batch_size``: (prompt, response) pairs per chunk of ``sami_backward``
-    (bounds peak memory). ``max_grad_norm``: clip the global gradient norm to it
-    (a non-finite norm raises instead of updating). The model's train/eval mode
-    is left to the caller.
+    At a small learning rate most updates of a bf16 weight round to nothing
+    (bf16 keeps 8 significant bits: an update below half a unit in the last place
+    of the weight is lost). The optimizer steps these fp32 copies instead
+    (build it over ``master.parameters()``); ``SAMITrainer`` moves the model's
+    gradients onto them before the update and rounds the result back into the
+    model after it.
     """
 
-    def __init__(self, model, optimizer, *, micro_batch_size, max_grad_norm=None):
+    def __init__(self, model: torch.nn.Module):
+        self.model_parameters = [p for p in model.parameters() if p.requires_grad]
+        if not self.model_parameters:
+            raise ValueError("MasterWeights: the model has no trainable parameter")
+        self.master = [p.detach().float().clone().requires_grad_() for p in self.model_parameters]
+
+    def parameters(self) -> list:
+        return self.master
+
+    def gradients_to_master(self) -> None:
+        for master, param in zip(self.master, self.model_parameters):
+            master.grad = None if param.grad is None else param.grad.float()
+
+    def master_to_model(self) -> None:
+        with torch.no_grad():
+            for master, param in zip(self.master, self.model_parameters):
+                param.copy_(master)
+
+    def zero_grad(self) -> None:
+        for master in self.master:
+            master.grad = None
+
+    def state_dict(self) -> dict:
+        return {"master": [m.detach().clone() for m in self.master]}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for master, saved in zip(self.master, state["master"], strict=True):
+                master.copy_(saved)
+
+
+def _check_optional_positive(name: str, value) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+    ):
+        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
+
+
+class SAMITrainer:
+    """SAMI optimiser steps: gradient-cached backward, a finiteness check, optional clipping, update.
+
+    ``micro_batch_size``: (prompt, response) pairs per chunk of ``sami_backward``
+    (bounds peak memory). ``max_grad_norm``: clip the global gradient norm to it.
+    ``master_weights``: a ``MasterWeights`` of the model when the optimizer steps
+    fp32 master copies. ``reduction``: mean or summed response log-probs.
+
+    A step whose loss or gradient norm is not finite (e.g. a too-large learning
+    rate) is skipped with a warning: the weights and the optimizer state are left
+    exactly as they were, and the result says ``skipped``. The model's
+    train/eval mode is left to the caller.
+
+    ``step`` is one update on one batch; ``accumulate`` then ``apply`` is the same
+    over several batches (gradient accumulation: ``accumulate`` adds each batch's
+    gradient with ``weight``, its share of the step's queries).
+    """
+
+    def __init__(self, model, optimizer, *, micro_batch_size, max_grad_norm=None, master_weights=None,
+                 reduction="mean"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive int (pairs per chunk), got {micro_batch_size!r}")
-        if max_grad_norm is not None and (
-            isinstance(max_grad_norm, bool)
-            or not isinstance(max_grad_norm, (int, float))
-            or not math.isfinite(max_grad_norm)
-            or max_grad_norm <= 0
-        ):
-            raise ValueError(f"max_grad_norm must be None or a positive finite number, got {max_grad_norm!r}")
+        _check_optional_positive("max_grad_norm", max_grad_norm)
+        if master_weights is not None and not isinstance(master_weights, MasterWeights):
+            raise TypeError(f"master_weights must be None or a MasterWeights, got {type(master_weights).__name__}")
         self.model = model
         self.optimizer = optimizer
         self.micro_batch_size = micro_batch_size
         self.max_grad_norm = max_grad_norm
+        self.master_weights = master_weights
+        self.reduction = reduction
+        self._losses = []
+
+    def accumulate(self, prompts, responses, mask=None, *, weight=1.0) -> dict:
+        """Add ``weight`` times this batch's SAMI gradient to ``.grad``; returns its (unweighted) loss and stats."""
+        loss, stats = sami_backward(
+            self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask,
+            reduction=self.reduction, loss_weight=weight,
+        )
+        self._losses.append(loss)
+        return {"loss": float(loss), **{name: float(value) for name, value in stats.items()}}
+
+    def _stepped_parameters(self) -> list:
+        """The parameters the optimizer steps, with a gradient: the fp32 master copies when there are master weights."""
+        if self.master_weights is not None:
+            self.master_weights.gradients_to_master()
+            return [p for p in self.master_weights.parameters() if p.grad is not None]
+        return [p for p in self.model.parameters() if p.grad is not None]
+
+    def apply(self) -> dict:
+        """The update from the accumulated gradients: ``grad_norm`` (before clipping) and ``skipped``."""
+        stepped = self._stepped_parameters()
+        losses_finite = all(bool(torch.isfinite(loss)) for loss in self._losses)
+        self._losses = []
+        # One fused reduction over all gradients; a NaN or inf anywhere makes the norm non-finite.
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in stepped], foreach=True)) if stepped else 0.0
+        if not (losses_finite and math.isfinite(norm)):
+            warnings.warn(
+                f"SAMI step skipped: the {'gradient norm' if losses_finite else 'loss'} is not finite "
+                f"(grad norm {norm}); weights and optimizer state are unchanged",
+                RuntimeWarning, stacklevel=2,
+            )
+            self._zero_grad()
+            return {"grad_norm": norm, "skipped": True}
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(stepped, self.max_grad_norm, torch.tensor(norm), foreach=True)
+        self.optimizer.step()
+        if self.master_weights is not None:
+            self.master_weights.master_to_model()
+        self._zero_grad()  # frees the gradients between steps
+        return {"grad_norm": norm, "skipped": False}
+
+    def _zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        if self.master_weights is not None:
+            self.master_weights.zero_grad()
 
     def step(self, prompts, responses, mask=None) -> dict:
         """One update on a batch (as ``sami_backward`` takes it); returns floats from before the update.
 
         ``loss``, ``mi_lower_bound`` (log C - loss, averaged over queries),
-        ``row_accuracy``, ``column_accuracy``, and ``grad_norm`` (the norm before
-        clipping) when ``max_grad_norm`` is set.
+        ``row_accuracy``, ``column_accuracy``, ``grad_norm`` (the norm before
+        clipping) and ``skipped`` (True when the step was not applied).
         """
         # Gradients left by anything else would be added to this batch's: start from none.
-        self.model.zero_grad(set_to_none=True)
-        loss, stats = sami_backward(
-            self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask
-        )
-        result = {"loss": float(loss), **{name: float(value) for name, value in stats.items()}}
-        if self.max_grad_norm is not None:
-            with_grad = [p for p in self.model.parameters() if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(with_grad, self.max_grad_norm, error_if_nonfinite=True)
-            result["grad_norm"] = float(norm)
-        self.optimizer.step()
-        self.model.zero_grad(set_to_none=True)  # frees the gradients between steps
-        return result
+        self._zero_grad()
+        self._losses = []
+        result = self.accumulate(prompts, responses, mask)
+        return {**result, **self.apply()}
