@@ -1,11 +1,12 @@
-"""Command line: ``sami-fast bench`` runs the benchmark suites side by side; ``sami-fast demo`` trains SmolLM2 with SAMI."""
+"""Command line: ``sami-fast train`` runs SAMI end to end, ``sami-fast demo`` a small run of it, ``sami-fast bench`` the benchmarks."""
 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,81 +35,53 @@ def _bench(args) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-DEMO_QUERIES = ["What causes rain?", "How do I boil an egg?"]
-DEMO_CONSTITUTIONS = [
-    "Be concise: answer in one short sentence.",
-    "Be verbose and detailed: explain at length, step by step.",
-    "Answer in a formal, academic tone.",
-    "Answer playfully, with jokes and exclamation marks!",
-]
+# `sami-fast demo`: a small `train` run (one iteration, a few queries) to see SAMI work in a minute or two.
+DEMO_PRESET = {"iterations": 1, "max_queries": 4, "num_constitutions": 2, "principles_per_constitution": 1,
+               "max_new_tokens": 16, "out": "sami-demo"}
 
 
-def _print_matrix(title: str, matrix: torch.Tensor) -> None:
-    """One block per query: rows = constitutions k, columns = responses j (generated under constitution j)."""
-    print(title)
-    C = matrix.shape[-1]
-    for b, query_matrix in enumerate(matrix.tolist()):
-        print(f"  query {b}" + "".join(f"{f'resp {j}':>10}" for j in range(C)))
-        for k, row in enumerate(query_matrix):
-            print(f"    const {k}" + "".join(f"{value:10.4f}" for value in row))
+def _field_kind(annotation: str):
+    """argparse settings for a TrainConfig field from its annotation ("int | None", "bool", ...)."""
+    base = annotation.replace(" | None", "")
+    if base == "bool":
+        return {"action": argparse.BooleanOptionalAction}
+    if base == "list":
+        return {"nargs": "*"}
+    convert = {"int": int, "float": float, "str": str}[base]
+    if "None" not in annotation:
+        return {"type": convert}
+
+    def optional(text: str):
+        return None if text.lower() == "none" else convert(text)
+
+    return {"type": optional}
 
 
-def _demo(args) -> int:
-    from sami_fast.hf import load_smollm2
-    from sami_fast.prefix import logprob_matrix
-    from sami_fast.trainer import SAMITrainer, encode_prompts, encode_sami_batch
+def _add_train_options(parser) -> None:
+    from sami_fast.training import TrainConfig
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    C = args.constitutions
-    constitutions = [DEMO_CONSTITUTIONS[:C] for _ in DEMO_QUERIES]
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_smollm2(torch.float32)
-    model = model.to(device).eval()
-    print(f"sami-fast demo: SmolLM2-135M-Instruct on {device}, B={len(DEMO_QUERIES)} queries x C={C} "
-          f"constitutions, {args.steps} steps")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML or JSON file of options (flags override it)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        parser.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS, metavar=None if "bool" in spec.type else
+                            spec.name.upper(), help=f"(default: {default!r})", **_field_kind(spec.type))
 
-    # One sampled response per (query, constitution), from exactly the prompt SAMI will score it under.
-    prompts = encode_prompts(tokenizer, constitutions, DEMO_QUERIES)
-    responses = []
-    for b, group in enumerate(prompts):
-        responses.append([])
-        for k, prompt in enumerate(group):
-            generated = model.generate(
-                prompt[None].to(device), attention_mask=torch.ones_like(prompt[None]).to(device),
-                max_new_tokens=args.max_new_tokens, min_new_tokens=1, do_sample=True, temperature=0.7, top_p=0.9,
-                pad_token_id=tokenizer.eos_token_id,
-            )
-            text = tokenizer.decode(generated[0, len(prompt):], skip_special_tokens=True)
-            responses[-1].append(text)
-            print(f"  q{b} c{k} [{constitutions[b][k]}] {DEMO_QUERIES[b]!r} -> {text!r}")
 
-    prompts, response_ids = encode_sami_batch(tokenizer, constitutions, DEMO_QUERIES, responses)
-    with torch.no_grad():
-        initial = logprob_matrix(model, prompts, response_ids)
-    _print_matrix("initial log-prob matrix (mean log-prob of response j under constitution k):", initial)
+def _train(args, preset=None) -> int:
+    from sami_fast.training import TrainConfig, Trainer
 
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    trainer = SAMITrainer(model, optimizer, micro_batch_size=args.micro_batch_size)
-    print(f"training (AdamW lr {args.lr:g}, micro-batch {args.micro_batch_size} pairs, log C = {math.log(C):.4f}):")
-    for step in range(1, args.steps + 1):
-        start = time.perf_counter()
-        result = trainer.step(prompts, response_ids)
-        seconds = time.perf_counter() - start
-        print(f"  step {step}  loss {result['loss']:.4f}  mi_lower_bound {result['mi_lower_bound']:.4f}  "
-              f"row_acc {result['row_accuracy']:.3f}  col_acc {result['column_accuracy']:.3f}  time {seconds:.2f}s")
-    model.eval()
-    with torch.no_grad():
-        final = logprob_matrix(model, prompts, response_ids)
-    _print_matrix("final log-prob matrix:", final)
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    from_file = TrainConfig.read_file(args.config) if args.config else {}
+    config = TrainConfig.from_dict({**(preset or {}), **from_file, **flags}, where=args.config or "flags")
+    started = time.perf_counter()
+    trainer = Trainer(config, resume=args.resume)
+    policy = trainer.train()
+    print(f"sami-fast train: {config.iterations} iteration(s) in {time.perf_counter() - started:.0f} s; "
+          f"policy in {policy}; metrics in {Path(config.out) / 'metrics.jsonl'}; plot {Path(config.out) / 'training.png'}")
     return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def main(argv=None) -> int:
@@ -123,17 +96,18 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
     p.add_argument("--record", metavar="CSV", default=None,
                    help="append rows (kernel, provider, mode, metric, x, y, device, date) to this CSV")
-    p = sub.add_parser("demo", help="generate with SmolLM2-135M-Instruct under a few constitutions, then train with SAMI")
-    p.add_argument("--steps", type=_positive_int, default=3, help="SAMI training steps (default 3)")
-    p.add_argument("--constitutions", type=int, choices=range(2, len(DEMO_CONSTITUTIONS) + 1), default=2,
-                   metavar="C", help=f"constitutions per query, 2..{len(DEMO_CONSTITUTIONS)} (default 2)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=24, help="tokens per response (default 24)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling the responses (default 0)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    p.add_argument("--micro-batch-size", type=_positive_int, default=4,
-                   help="(prompt, response) pairs per gradient-caching chunk (default 4)")
+    p = sub.add_parser("train", help="run SAMI: constitutions, self-generated responses, MI training, iterations")
+    _add_train_options(p)
+    p = sub.add_parser("demo", help="a small SAMI run (train with one iteration on 4 queries, C = 2)")
+    _add_train_options(p)
     args = parser.parse_args(argv)
-    return _bench(args) if args.command == "bench" else _demo(args)
+    if args.command == "bench":
+        return _bench(args)
+    try:
+        return _train(args, DEMO_PRESET if args.command == "demo" else None)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,659 @@
+"""SAMI end to end: principles -> constitutions -> self-generated responses -> MI training -> iterations.
+
+For iteration n = 1..N (as in the paper and its reference code):
+
+1. for every training query, C constitutions (``sami_fast.data.ConstitutionSampler``);
+2. response j is generated under constitution j by the policy of iteration n-1
+   (iteration 1: the base model), all prompts in batched calls of a
+   ``ResponseGenerator`` (the seam where another engine plugs in);
+3. training starts again from the base model, on those (query, C constitutions,
+   C responses) examples, with the SAMI loss on the (B, C, C) matrix, for
+   ``steps_per_iteration`` optimiser steps (``SAMITrainer``: gradient caching,
+   accumulation, clipping, skipping non-finite steps);
+4. the iteration's policy is saved; it generates the data of iteration n+1.
+
+``Trainer(TrainConfig(...)).train()`` runs it; ``sami-fast train`` is the same
+from the command line. Everything lands in ``config.out`` (see ``Trainer``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sami_fast import data as sami_data
+from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason, run_generator
+from sami_fast.models import DTYPES, load_causal_lm
+from sami_fast.trainer import MasterWeights, SAMITrainer, _check_template, _prompt_text
+
+OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+METRIC_COLUMNS = (
+    "iteration", "step", "loss", "mi_lower_bound", "row_accuracy", "column_accuracy", "grad_norm", "lr",
+    "tokens_per_s", "queries", "skipped", "skipped_steps", "seconds",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a SAMI run needs; ``TrainConfig.from_file`` reads it from YAML or JSON.
+
+    Data: ``queries`` (JSONL ``{"query": ...}`` or text, one per line) and
+    ``principles`` (principle file, ready constitution list, or the reference
+    code's directory of positive/negative pairs); both default to the embedded
+    example data. ``train_data``: the reference code's pre-generated training
+    JSON instead (no generation; one iteration).
+    """
+
+    model: str | None = None  # model directory, cached hub name, .gguf file; None: SmolLM2-135M-Instruct
+    out: str = "sami-out"
+    queries: str | None = None
+    principles: str | None = None
+    train_data: str | None = None
+    max_queries: int | None = None  # the first N queries only
+    # constitutions and prompts
+    num_constitutions: int = 4
+    principles_per_constitution: int | None = 2
+    template: str | None = None  # None: the tokenizer's chat template if it has one, else a plain template
+    # generation
+    max_new_tokens: int = 48
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_strings: list = field(default_factory=list)
+    generation_batch_size: int | None = None
+    # scoring
+    score_reduction: str = "mean"  # mean (the reference code's) or sum of response-token log-probs
+    score_eos: bool = False  # score a finished response with its EOS token (the reference code never does)
+    # optimisation
+    iterations: int = 2
+    steps_per_iteration: int | None = None  # None: one pass over the iteration's examples
+    batch_size: int = 2  # queries per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimiser step
+    micro_batch_size: int = 16  # (prompt, response) pairs per gradient-caching chunk
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    dtype: str = "float32"  # the weights' dtype: float32, bfloat16, float16
+    master_weights: bool | None = None  # fp32 master copy for low-precision weights; None: on unless float32
+    seed: int = 0
+    # outputs
+    save_steps: int | None = None  # a checkpoint every N optimiser steps (and always at an iteration's end)
+    save_total_limit: int = 2  # checkpoints kept
+    quiet: bool = False
+
+    @classmethod
+    def from_file(cls, path, **overrides) -> "TrainConfig":
+        """A config from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error naming them."""
+        return cls.from_dict({**cls.read_file(path), **overrides}, where=str(path))
+
+    @staticmethod
+    def read_file(path) -> dict:
+        """The option mapping a YAML or JSON config file holds."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no file at {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as error:  # the parsers' own errors say where
+            raise ValueError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {error}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: must hold a mapping of option names to values")
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    def __post_init__(self):
+        def positive_int(name, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+        def number(name, low, allow_none=False, inclusive=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not ok or (value < low if inclusive else value <= low):
+                raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+
+        def choice(name, choices):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+        for name in ("num_constitutions", "max_new_tokens", "iterations", "batch_size",
+                     "gradient_accumulation_steps", "micro_batch_size", "save_total_limit"):
+            positive_int(name)
+        for name in ("max_queries", "principles_per_constitution", "generation_batch_size", "steps_per_iteration",
+                     "save_steps"):
+            positive_int(name, allow_none=True)
+        if self.num_constitutions < 2:
+            raise ValueError(f"num_constitutions must be at least 2 (SAMI contrasts constitutions), got {self.num_constitutions}")
+        number("lr", 0)
+        number("temperature", 0)
+        number("top_p", 0)
+        if self.top_p > 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        number("weight_decay", 0, inclusive=True)
+        number("max_grad_norm", 0, allow_none=True)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative int, got {self.warmup_steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        choice("optimizer", OPTIMIZERS)
+        choice("lr_schedule", SCHEDULES)
+        choice("score_reduction", ("mean", "sum"))
+        choice("dtype", tuple(DTYPES))
+        if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
+        self.stop_strings = list(self.stop_strings)
+        for name in ("model", "queries", "principles", "train_data", "template"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string (a path) or None, got {value!r}")
+        if not isinstance(self.out, str) or not self.out:
+            raise ValueError(f"out must be a directory path, got {self.out!r}")
+        if self.train_data is not None and self.iterations != 1:
+            raise ValueError("train_data trains on pre-generated responses: iterations must be 1 with it")
+
+    @property
+    def uses_master_weights(self) -> bool:
+        return self.dtype != "float32" if self.master_weights is None else self.master_weights
+
+
+@dataclass
+class Example:
+    """One training query: its C prompts (prompt k under constitution k) and C responses (response j under constitution j)."""
+
+    example_id: str
+    query: str | None
+    constitutions: list
+    prompts: list  # C Prompt (text and ids)
+    responses: list  # C response texts
+    finished: list  # C bools: ended by EOS or a stop string
+    fields: dict = field(default_factory=dict)
+
+
+def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    """AdamW, RMSprop (the reference code's; torch's has no bias correction) or SGD over ``parameters``."""
+    parameters = list(parameters)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_schedule(config: TrainConfig, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0 at ``total_steps``."""
+    warmup, kind = config.warmup_steps, config.lr_schedule
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename: a reader never sees a partly written ``path``."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    write(tmp)
+    _fsync(tmp)
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    paths = sorted(path.rglob("*")) + [path] if path.is_dir() else [path]
+    for item in paths:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _rng_states() -> dict:
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _phase_seed(seed: int, iteration: int, phase: int) -> int:
+    """A seed per (iteration, phase): each phase starts from a known RNG state, so a resumed run draws the same."""
+    return (seed * 1_000_003 + iteration * 101 + phase) % (2**63)
+
+
+class Trainer:
+    """Runs SAMI iterations (module docstring) and writes into ``config.out``:
+
+    - ``iteration-N/data.jsonl``: the generated examples (query, constitutions,
+      responses, finished flags) and the dropped queries with the reason;
+    - ``iteration-N/policy/``: the iteration's policy as a Hugging Face model
+      directory (safetensors, config, tokenizer); ``policy/`` is the last one;
+    - ``metrics.jsonl`` and ``metrics.csv``: one row per optimiser step;
+      ``training.png``: loss and MI lower bound per step, one line per iteration;
+    - ``checkpoints/iteration-N-step-S/``: model, optimizer, scheduler, master
+      weights, RNG states, iteration and step, written atomically; ``resume=True``
+      continues from the latest one, bit-identically to an uninterrupted run.
+
+    ``model``/``tokenizer``: an already loaded base model (else ``config.model`` is
+    loaded). ``make_generator(model, tokenizer, config)``: the response generator
+    for the current policy (default ``HFGenerator``): the seam for another engine.
+    """
+
+    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, make_generator=None, resume=False):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither (then config.model is loaded)")
+        self.config = config
+        self.out = Path(config.out)
+        self.resume = resume
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = DTYPES[config.dtype]
+        if model is None:
+            model, tokenizer = load_causal_lm(config.model, dtype)
+        self.model = model.to(self.device, dtype)
+        self.tokenizer = tokenizer
+        self.template = _check_template(tokenizer, config.template)
+        self.make_generator = make_generator or (lambda model, tokenizer, cfg: HFGenerator(model, tokenizer, GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+            top_p=cfg.top_p, stop_strings=tuple(cfg.stop_strings), batch_size=cfg.generation_batch_size)))
+        # Each iteration restarts from the base weights.
+        self.base_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        self.queries = None if config.train_data else self._load_queries()
+        self.sampler = None
+        if self.queries is not None:
+            source = sami_data.load_constitution_source(config.principles or sami_data.embedded_principles_path())
+            self.sampler = sami_data.ConstitutionSampler(
+                source, num_constitutions=config.num_constitutions,
+                principles_per_constitution=config.principles_per_constitution, seed=config.seed)
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ data
+
+    def _load_queries(self) -> list:
+        queries = sami_data.load_queries(self.config.queries or sami_data.embedded_queries_path())
+        if self.config.max_queries is not None:
+            queries = queries[: self.config.max_queries]
+        if not queries:
+            raise ValueError(f"{self.config.queries or 'the embedded queries'}: no query to train on")
+        return queries
+
+    def _prompt(self, constitution: str, query: str) -> Prompt:
+        text, add_special_tokens = _prompt_text(self.tokenizer, constitution, query, self.template)
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        return Prompt(text=text, ids=torch.tensor(ids, dtype=torch.long))
+
+    def _check_prompt_room(self, prompt: Prompt, where: str) -> None:
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        needed = len(prompt.ids) + self.config.max_new_tokens
+        if limit is not None and needed > limit:
+            raise ValueError(
+                f"{where}: prompt of {len(prompt.ids)} tokens + max_new_tokens {self.config.max_new_tokens} = {needed} "
+                f"exceeds the model's {limit} positions"
+            )
+
+    def generate_examples(self, iteration: int) -> tuple:
+        """(examples, dropped): C prompts per query and the current policy's response under each."""
+        C = self.config.num_constitutions
+        plans = []
+        for index, query in enumerate(self.queries):
+            constitutions = self.sampler.for_query(index)
+            prompts = [self._prompt(c, query.text) for c in constitutions]
+            for prompt in prompts:
+                self._check_prompt_room(prompt, query.where)
+            plans.append((index, query, constitutions, prompts))
+        flat = [prompt for _, _, _, prompts in plans for prompt in prompts]
+        torch.manual_seed(_phase_seed(self.config.seed, iteration, 0))
+        generator = self.make_generator(self.model, self.tokenizer, self.config)
+        generations = run_generator(generator, flat)
+        examples, dropped = [], []
+        for n, (index, query, constitutions, prompts) in enumerate(plans):
+            own = generations[n * C : (n + 1) * C]
+            example = Example(
+                example_id=str(index), query=query.text, constitutions=constitutions, prompts=prompts,
+                responses=[g.text for g in own], finished=[g.finished for g in own], fields=query.fields,
+            )
+            reason = drop_reason(example.responses)
+            (dropped if reason else examples).append((example, reason) if reason else example)
+        return examples, dropped
+
+    def _raw_prompt(self, text: str) -> Prompt:
+        """A prompt already rendered (the reference code's training data): tokenized with the tokenizer's own BOS."""
+        return Prompt(text=text, ids=torch.tensor(self.tokenizer(text).input_ids, dtype=torch.long))
+
+    def pregenerated_examples(self) -> tuple:
+        loaded, skipped = sami_data.load_training_data(self.config.train_data)
+        examples = [Example(example_id=item.example_id, query=None, constitutions=[],
+                            prompts=[self._raw_prompt(text) for text in item.prompts],
+                            responses=list(item.responses), finished=[False] * len(item.prompts))
+                    for item in loaded]
+        dropped = [(Example(example_id=i, query=None, constitutions=[], prompts=[], responses=[], finished=[]), why)
+                   for i, why in skipped]
+        return examples, dropped
+
+    def _save_examples(self, path: Path, examples: list, dropped: list) -> None:
+        def write(tmp: Path):
+            with open(tmp, "w", encoding="utf-8") as f:
+                for example in examples:
+                    f.write(json.dumps(self._example_record(example, None)) + "\n")
+                for example, reason in dropped:
+                    f.write(json.dumps(self._example_record(example, reason)) + "\n")
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, write)
+
+    @staticmethod
+    def _example_record(example: Example, dropped_reason) -> dict:
+        return {
+            "example_id": example.example_id, "query": example.query, "constitutions": example.constitutions,
+            "prompts": [p.text for p in example.prompts], "responses": example.responses,
+            "finished": example.finished, "dropped": dropped_reason, **({"fields": example.fields} if example.fields else {}),
+        }
+
+    def _load_examples(self, path: Path) -> list:
+        """The examples ``_save_examples`` wrote (a resumed iteration trains on exactly the data it generated)."""
+        examples = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record["dropped"]:
+                    continue
+                if record["query"] is None:
+                    prompts = [self._raw_prompt(text) for text in record["prompts"]]
+                else:
+                    prompts = [self._prompt(c, record["query"]) for c in record["constitutions"]]
+                examples.append(Example(example_id=record["example_id"], query=record["query"],
+                                        constitutions=record["constitutions"], prompts=prompts,
+                                        responses=record["responses"], finished=record["finished"],
+                                        fields=record.get("fields", {})))
+        return examples
+
+    def _response_ids(self, example: Example) -> list:
+        eos = self.tokenizer.eos_token_id
+        ids = []
+        for text, finished in zip(example.responses, example.finished):
+            tokens = self.tokenizer(text, add_special_tokens=False).input_ids
+            if self.config.score_eos and finished and eos is not None:
+                tokens = tokens + [eos]
+            if not tokens:
+                raise ValueError(f"example {example.example_id}: a response tokenizes to no tokens")
+            ids.append(torch.tensor(tokens, dtype=torch.long))
+        return ids
+
+    # ------------------------------------------------------------------ training
+
+    def _fresh_state(self):
+        """Base weights, a new optimizer (over fp32 master copies for low-precision weights)."""
+        self.model.load_state_dict(self.base_state)
+        master = MasterWeights(self.model) if self.config.uses_master_weights else None
+        parameters = master.parameters() if master else [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.config, parameters)
+        return master, optimizer
+
+    def _steps(self, n_examples: int) -> int:
+        per_step = self.config.batch_size * self.config.gradient_accumulation_steps
+        return self.config.steps_per_iteration or max(1, math.ceil(n_examples / per_step))
+
+    def _step_examples(self, examples: list, iteration: int, step: int) -> list:
+        """The queries of optimiser step ``step`` (0-based): epochs of seeded permutations, so the position is the step."""
+        per_step = self.config.batch_size * self.config.gradient_accumulation_steps
+        chosen = []
+        for position in range(step * per_step, (step + 1) * per_step):
+            epoch, offset = divmod(position, len(examples))
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(
+                _phase_seed(self.config.seed, iteration, 2 + epoch)))
+            chosen.append(examples[int(order[offset])])
+        return chosen
+
+    def _train_step(self, trainer: SAMITrainer, chosen: list) -> dict:
+        start = time.perf_counter()
+        tokens = 0
+        totals = {}
+        size = self.config.batch_size
+        micro_batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+        for batch in micro_batches:
+            prompts = [[p.ids for p in example.prompts] for example in batch]
+            responses = [self._response_ids(example) for example in batch]
+            result = trainer.accumulate(prompts, responses, weight=len(batch) / len(chosen))
+            for name, value in result.items():
+                totals[name] = totals.get(name, 0.0) + value * len(batch) / len(chosen)
+            C = len(prompts[0])
+            tokens += sum(len(p) for row in prompts for p in row) + C * sum(len(r) for row in responses for r in row)
+        applied = trainer.apply()
+        seconds = time.perf_counter() - start
+        return {**totals, **applied, "tokens_per_s": tokens / seconds, "queries": len(chosen), "seconds": seconds}
+
+    def train(self) -> Path:
+        """Run every iteration; returns the directory of the last policy."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = self._latest_checkpoint() if self.resume else None
+        if self.resume and checkpoint is None:
+            warnings.warn(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
+        if checkpoint is None:
+            for name in ("metrics.jsonl", "metrics.csv"):
+                (self.out / name).unlink(missing_ok=True)
+        first_iteration = 1 if checkpoint is None else checkpoint["iteration"]
+        for iteration in range(first_iteration, self.config.iterations + 1):
+            resuming = checkpoint if checkpoint is not None and checkpoint["iteration"] == iteration else None
+            if resuming is not None and resuming["step"] == resuming["total_steps"]:
+                self._load_model_weights(resuming)  # the finished iteration's policy generates the next data
+                checkpoint = None
+                continue
+            self._run_iteration(iteration, resuming)
+            checkpoint = None
+        policy = self.out / f"iteration-{self.config.iterations}" / "policy"
+        self._write_plot()
+        final = self.out / "policy"
+        _write_atomically(final, lambda tmp: shutil.copytree(policy, tmp))
+        return final
+
+    def _run_iteration(self, iteration: int, checkpoint) -> None:
+        config = self.config
+        data_path = self.out / f"iteration-{iteration}" / "data.jsonl"
+        if checkpoint is not None and data_path.is_file():
+            examples = self._load_examples(data_path)
+        else:
+            if config.train_data:
+                examples, dropped = self.pregenerated_examples()
+            else:
+                examples, dropped = self.generate_examples(iteration)
+            self._save_examples(data_path, examples, dropped)
+            self._report(f"iteration {iteration}: {len(examples)} examples, {len(dropped)} queries dropped"
+                         + "".join(f"\n  dropped {e.example_id}: {why}" for e, why in dropped[:5]))
+        if not examples:
+            raise RuntimeError(f"iteration {iteration}: every query was dropped (see {data_path}); nothing to train on")
+        master, optimizer = self._fresh_state()
+        total_steps = self._steps(len(examples))
+        schedule = build_schedule(config, optimizer, total_steps)
+        trainer = SAMITrainer(self.model, optimizer, micro_batch_size=config.micro_batch_size,
+                              max_grad_norm=config.max_grad_norm, master_weights=master,
+                              reduction=config.score_reduction)
+        first_step = 0
+        torch.manual_seed(_phase_seed(config.seed, iteration, 1))
+        if checkpoint is not None:
+            first_step = self._restore(checkpoint, optimizer, schedule, master)
+        self.model.train()
+        bar = self._bar(total=total_steps, initial=first_step, desc=f"train {iteration}/{config.iterations}")
+        for step in range(first_step, total_steps):
+            row = self._train_step(trainer, self._step_examples(examples, iteration, step))
+            if row["skipped"]:
+                self.skipped_steps += 1
+            else:
+                schedule.step()
+            row = {"iteration": iteration, "step": step + 1, "lr": optimizer.param_groups[0]["lr"],
+                   "skipped_steps": self.skipped_steps, **row}
+            self._log(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", mi=f"{row['mi_lower_bound']:.4f}",
+                                tok_s=f"{row['tokens_per_s']:.0f}")
+            done = step + 1 == total_steps
+            if done:
+                self.model.eval()
+                self._save_policy(iteration)
+            if done or (config.save_steps and (step + 1) % config.save_steps == 0):
+                self._save_checkpoint(iteration, step + 1, total_steps, optimizer, schedule, master)
+        if bar is not None:
+            bar.close()
+        self.model.eval()
+
+    def _bar(self, **kwargs):
+        if self.config.quiet:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(unit="step", **kwargs)
+
+    def _report(self, text: str) -> None:
+        if not self.config.quiet:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------ outputs
+
+    def _log(self, row: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        path = self.out / "metrics.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _save_policy(self, iteration: int) -> None:
+        def write(tmp: Path):
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+        _write_atomically(self.out / f"iteration-{iteration}" / "policy", write)
+
+    def _write_plot(self) -> None:
+        rows = [json.loads(line) for line in open(self.out / "metrics.jsonl", encoding="utf-8")]
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for iteration in sorted({r["iteration"] for r in rows}):
+            mine = [r for r in rows if r["iteration"] == iteration]
+            for axis, key in zip(axes, ("loss", "mi_lower_bound")):
+                axis.plot([r["step"] for r in mine], [r[key] for r in mine], marker="o", label=f"iteration {iteration}")
+        for axis, title in zip(axes, ("SAMI loss", "MI lower bound (log C - loss)")):
+            axis.set_title(title)
+            axis.set_xlabel("optimiser step")
+            axis.legend()
+        figure.tight_layout()
+        figure.savefig(self.out / "training.png", dpi=100)
+        plt.close(figure)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _save_checkpoint(self, iteration, step, total_steps, optimizer, schedule, master) -> None:
+        state = {
+            "iteration": iteration, "step": step, "total_steps": total_steps, "skipped_steps": self.skipped_steps,
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "master": master.state_dict() if master else None, "rng": _rng_states(),
+            "config": dataclasses.asdict(self.config),
+        }
+
+        def write(tmp: Path):
+            tmp.mkdir(parents=True)
+            torch.save(self.model.state_dict(), tmp / "model.pt")
+            torch.save(state, tmp / "state.pt")
+
+        directory = self._checkpoint_dir() / f"iteration-{iteration:03d}-step-{step:07d}"
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(directory, write)
+        kept = sorted(p for p in self._checkpoint_dir().iterdir() if p.name.startswith("iteration-"))
+        for old in kept[: -self.config.save_total_limit]:
+            shutil.rmtree(old)
+
+    def _latest_checkpoint(self):
+        directory = self._checkpoint_dir()
+        if not directory.is_dir():
+            return None
+        complete = sorted(p for p in directory.iterdir() if p.name.startswith("iteration-"))
+        if not complete:
+            return None
+        latest = complete[-1]
+        state = torch.load(latest / "state.pt", weights_only=False)
+        state["path"] = latest
+        return state
+
+    def _load_model_weights(self, checkpoint) -> None:
+        self.model.load_state_dict(torch.load(checkpoint["path"] / "model.pt", weights_only=True))
+        self.skipped_steps = checkpoint["skipped_steps"]
+        self._keep_metrics_until(checkpoint["iteration"], checkpoint["step"])
+
+    def _restore(self, checkpoint, optimizer, schedule, master) -> int:
+        self._load_model_weights(checkpoint)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        if master is not None:
+            master.load_state_dict(checkpoint["master"])
+        _set_rng_states(checkpoint["rng"])
+        return checkpoint["step"]
+
+    def _keep_metrics_until(self, iteration: int, step: int) -> None:
+        """Drop metric rows written after the checkpoint (they are computed again)."""
+        path = self.out / "metrics.jsonl"
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")] if path.is_file() else []
+        rows = [r for r in rows if (r["iteration"], r["step"]) <= (iteration, step)]
+        for name in ("metrics.jsonl", "metrics.csv"):
+            (self.out / name).unlink(missing_ok=True)
+        for row in rows:
+            self._log(row)
