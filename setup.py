@@ -13,6 +13,8 @@ setup(
     python_requires=">=3.10",
     packages=["sami_fast", "sami_fast.bench", "sami_fast.kernels"],
     package_dir={"sami_fast": "sami_fast", "sami_fast.kernels": "kernels"},
+    # The embedded example dataset (queries and principle files) that `sami_fast.data` points to.
+    package_data={"sami_fast": ["datasets/*.jsonl", "datasets/principles/*.json"]},
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "setuptools>=70.1"],
