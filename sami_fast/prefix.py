@@ -4,9 +4,13 @@
 prompt, running each prompt once and all (prompt, response) pairs in one
 batched pass (or in ``micro_batch_size`` chunks). ``sami_backward`` computes the
 SAMI loss and accumulates its parameter gradients by gradient caching, so its
-peak memory is one chunk's, whatever C*R is.
+peak memory is one chunk's, whatever C*R is. ``PairScorer`` is the model as a
+module whose ``forward`` scores a chunk of pairs: the module to wrap in
+``DistributedDataParallel`` or to make the ``fully_shard`` root, so that every
+forward of the model passes through the wrapper's hooks.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -133,12 +137,18 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     forward, or ``micro_batch_size`` pairs at a time, on copies of their prompt's
     cache. With gradient checkpointing enabled (training mode) the prompt pass and
     each response chunk are checkpointed as a whole. ``reduction="sum"`` gives
-    summed instead of mean response-token log-probs.
+    summed instead of mean response-token log-probs. ``model`` may also be a
+    ``PairScorer`` (e.g. the FSDP2 root): each chunk then runs through it and
+    re-runs the prompts it needs.
     """
     _check_reduction(reduction)
+    given = model
+    scorer, model = _scorer_and_model(model)
     parts = causal_lm_parts(model)
     pairs = _pairs(parts, prompts, responses, pad_token_id)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
+    if scorer is given:  # a scorer passed in: each chunk through it (its wrapper's hooks run)
+        return torch.cat([scorer(pairs, s, e, reduction) for s, e in chunks]).reshape(pairs.shape)
     checkpointed = layer_checkpointing_active(model)
     states = _run(model, run_prompts, parts, pairs.prompts, pairs.pad_id, checkpointed=checkpointed)
     scores = [
@@ -177,7 +187,81 @@ def _set_rng_state(device: torch.device, state) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0):
+class PairScorer(torch.nn.Module):
+    """A causal LM as a module whose ``forward`` scores a chunk of (prompt, response) pairs.
+
+    ``sami_backward`` runs every forward of the model as ``scorer(pairs, start, stop,
+    reduction)``, so a wrapper around the scorer sees all of them: wrap it in
+    ``DistributedDataParallel(scorer, broadcast_buffers=False)`` for data parallel
+    training, or shard the decoder layers with ``fully_shard`` and make the scorer the
+    FSDP2 root (``sami_fast.distributed.shard``): the root's hooks then unshard the
+    embeddings and the LM head, which scoring reads directly rather than through
+    ``lm_head.forward``. ``run(fn)`` gives ``fn(model)`` the same treatment under FSDP2
+    once registered as a forward method (generation does it).
+
+    Arguments:
+        model: a transformers causal LM (``causal_lm_parts`` must accept it).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        causal_lm_parts(model)  # refuse a non-causal-LM here, not at the first forward
+        self.model = model
+
+    def forward(self, pairs: _Pairs, start: int, stop: int, reduction: str) -> torch.Tensor:
+        """Scores of pairs ``[start, stop)`` of ``pairs`` (as ``sami_backward`` prepares them): shape (stop - start,)."""
+        return _chunk_scores(causal_lm_parts(self.model), pairs, start, stop, reduction)
+
+    def run(self, fn):
+        """``fn(model)``: another use of the model (e.g. generation) through the scorer."""
+        return fn(self.model)
+
+
+def _scorer_and_model(model):
+    """(scorer, causal LM) for ``model``: a causal LM, a ``PairScorer``, or a ``PairScorer`` in ``DistributedDataParallel``."""
+    inner = getattr(model, "module", None) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if isinstance(inner, PairScorer):
+        return model, inner.model
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        raise TypeError("model: a DistributedDataParallel model must wrap a sami_fast.prefix.PairScorer "
+                        "(DDP only reduces gradients of forwards that run through it)")
+    scorer = PairScorer(model)
+    _refuse_sharded(model)
+    return scorer, model
+
+
+def _refuse_sharded(model) -> None:
+    """Outside the FSDP2 root's forward the root's parameters are shards (DTensors): scoring them would fail or be wrong."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(model.get_output_embeddings().weight, DTensor):
+            raise ValueError("model: its parameters are sharded (FSDP2); pass the PairScorer that is the fully_shard "
+                             "root (sami_fast.distributed.shard) so that FSDP's hooks unshard them")
+
+
+def _gradient_sync(scorer, sync: bool):
+    """A context for one forward and backward: gradients are reduced across ranks only when ``sync``."""
+    if sync:
+        return contextlib.nullcontext()
+    if isinstance(scorer, torch.nn.parallel.DistributedDataParallel):
+        return scorer.no_sync()
+    if callable(getattr(scorer, "set_requires_gradient_sync", None)):  # an FSDP2 module
+        return _fsdp_no_sync(scorer)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0,
+                  sync_gradients=True):
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
 
     Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
@@ -190,10 +274,21 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
     scores, as in ``logprob_matrix``. ``loss_weight``: the gradients accumulated are
     those of ``loss_weight * loss`` (gradient accumulation over batches of
     different sizes weights each by its share); the returned loss is unweighted.
+
+    ``model``: a causal LM, or a ``PairScorer`` of one (possibly in
+    ``DistributedDataParallel`` or the root of ``fully_shard``): every forward then
+    runs through the scorer. ``sync_gradients``: whether this call's last backward
+    reduces gradients across ranks; every other chunk's backward runs under
+    ``no_sync()`` (DDP) or ``set_requires_gradient_sync(False)`` (FSDP2), so with
+    accumulation only the last call of an optimiser step passes True. No effect
+    without a distributed wrapper.
     """
     _check_reduction(reduction)
     if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight):
         raise ValueError(f"loss_weight must be a finite number, got {loss_weight!r}")
+    if not isinstance(sync_gradients, bool):
+        raise TypeError(f"sync_gradients must be a bool, got {type(sync_gradients).__name__}")
+    scorer, model = _scorer_and_model(model)
     parts = causal_lm_parts(model)
     pairs = _pairs(parts, prompts, responses, pad_token_id=None)
     B, C, R = pairs.shape
@@ -216,16 +311,16 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
             pieces = []
             for start, stop in chunks:
                 replay.append(_rng_state(device))
-                pieces.append(_chunk_scores(parts, pairs, start, stop, reduction))
+                pieces.append(scorer(pairs, start, stop, reduction))
         matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()
         with torch.enable_grad():
             loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True)
             (d_matrix,) = torch.autograd.grad(loss, matrix)
         d_scores = d_matrix.reshape(-1) * loss_weight
         resume = _rng_state(device)
-        for (start, stop), state in zip(chunks, replay):
+        for index, ((start, stop), state) in enumerate(zip(chunks, replay)):
             _set_rng_state(device, state)
-            with torch.enable_grad():
-                _chunk_scores(parts, pairs, start, stop, reduction).backward(d_scores[start:stop])
+            with torch.enable_grad(), _gradient_sync(scorer, sync_gradients and index == len(chunks) - 1):
+                scorer(pairs, start, stop, reduction).backward(d_scores[start:stop])
         _set_rng_state(device, resume)
     return loss.detach(), stats

@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from sami_fast.prefix import sami_backward
+from sami_fast.distributed import all_ranks_agree, gradient_norm
+from sami_fast.prefix import PairScorer, sami_backward
 
 PLAIN_TEMPLATE = "{constitution}\n\nUser: {query}\nAssistant:"
 
@@ -196,10 +197,18 @@ class SAMITrainer:
     ``step`` is one update on one batch; ``accumulate`` then ``apply`` is the same
     over several batches (gradient accumulation: ``accumulate`` adds each batch's
     gradient with ``weight``, its share of the step's queries).
+
+    ``scorer``: the module the model's forwards run through (``sami_fast.distributed``):
+    a ``PairScorer`` of ``model`` in ``DistributedDataParallel``, or the FSDP2 root
+    (then ``model``'s parameters are shards and the optimizer steps them). With one,
+    every rank calls ``accumulate``/``apply`` in step: only the last ``accumulate`` of
+    an optimiser step passes ``sync_gradients=True``; the gradients the ranks reduce
+    are averaged, so weight each rank's batches by world size x their share of the
+    step's queries; whether a step is skipped is decided by all ranks together.
     """
 
     def __init__(self, model, optimizer, *, micro_batch_size, max_grad_norm=None, master_weights=None,
-                 reduction="mean"):
+                 reduction="mean", scorer=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -209,6 +218,12 @@ class SAMITrainer:
         _check_optional_positive("max_grad_norm", max_grad_norm)
         if master_weights is not None and not isinstance(master_weights, MasterWeights):
             raise TypeError(f"master_weights must be None or a MasterWeights, got {type(master_weights).__name__}")
+        inner = scorer.module if isinstance(scorer, torch.nn.parallel.DistributedDataParallel) else scorer
+        if scorer is not None and not (isinstance(inner, PairScorer) and inner.model is model):
+            raise ValueError("scorer must be a PairScorer of model (possibly in DistributedDataParallel or sharded)")
+        self.scorer = scorer
+        # A wrapped scorer reduces gradients across ranks; the ranks must then agree on skipping a step.
+        self._distributed = scorer is not None and type(scorer) is not PairScorer
         self.model = model
         self.optimizer = optimizer
         self.micro_batch_size = micro_batch_size
@@ -217,11 +232,15 @@ class SAMITrainer:
         self.reduction = reduction
         self._losses = []
 
-    def accumulate(self, prompts, responses, mask=None, *, weight=1.0) -> dict:
-        """Add ``weight`` times this batch's SAMI gradient to ``.grad``; returns its (unweighted) loss and stats."""
+    def accumulate(self, prompts, responses, mask=None, *, weight=1.0, sync_gradients=True) -> dict:
+        """Add ``weight`` times this batch's SAMI gradient to ``.grad``; returns its (unweighted) loss and stats.
+
+        ``sync_gradients``: whether this batch's last backward reduces the gradients across ranks (with a
+        distributed ``scorer``; see ``sami_backward``).
+        """
         loss, stats = sami_backward(
-            self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask,
-            reduction=self.reduction, loss_weight=weight,
+            self.scorer or self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask,
+            reduction=self.reduction, loss_weight=weight, sync_gradients=sync_gradients,
         )
         self._losses.append(loss)
         return {"loss": float(loss), **{name: float(value) for name, value in stats.items()}}
@@ -237,9 +256,11 @@ class SAMITrainer:
         """The update from the accumulated gradients: ``grad_norm`` (before clipping) and ``skipped``."""
         stepped = self._stepped_parameters()
         losses_finite = all(bool(torch.isfinite(loss)) for loss in self._losses)
+        if self._distributed:
+            losses_finite = all_ranks_agree(losses_finite, next(self.model.parameters()).device)
         self._losses = []
         # One fused reduction over all gradients; a NaN or inf anywhere makes the norm non-finite.
-        norm = float(torch.nn.utils.get_total_norm([p.grad for p in stepped], foreach=True)) if stepped else 0.0
+        norm = gradient_norm([p.grad for p in stepped]) if stepped else 0.0
         if not (losses_finite and math.isfinite(norm)):
             warnings.warn(
                 f"SAMI step skipped: the {'gradient norm' if losses_finite else 'loss'} is not finite "

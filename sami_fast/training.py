@@ -33,7 +33,9 @@ from pathlib import Path
 import torch
 
 from sami_fast import data as sami_data
-from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason, run_generator
+from sami_fast.distributed import MODES as DISTRIBUTED_MODES
+from sami_fast.distributed import Parallel, resolve_mode
+from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason
 from sami_fast.models import DTYPES, load_causal_lm
 from sami_fast.trainer import MasterWeights, SAMITrainer, _check_template, _prompt_text
 
@@ -91,6 +93,10 @@ class TrainConfig:
     dtype: str = "float32"  # the weights' dtype: float32, bfloat16, float16
     master_weights: bool | None = None  # fp32 master copy for low-precision weights; None: on unless float32
     seed: int = 0
+    # auto: ddp when torchrun started more than one process, else none; none: one process; ddp:
+    # data parallel; fsdp: FSDP2-sharded. batch_size x gradient_accumulation_steps queries per
+    # optimiser step in total, whatever the number of processes (each takes its share).
+    distributed: str = "auto"
     # outputs
     save_steps: int | None = None  # a checkpoint every N optimiser steps (and always at an iteration's end)
     save_total_limit: int = 2  # checkpoints kept
@@ -172,6 +178,7 @@ class TrainConfig:
         choice("lr_schedule", SCHEDULES)
         choice("score_reduction", ("mean", "sum"))
         choice("dtype", tuple(DTYPES))
+        choice("distributed", DISTRIBUTED_MODES)
         if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
         self.stop_strings = list(self.stop_strings)
@@ -296,11 +303,16 @@ class Trainer:
         self.config = config
         self.out = Path(config.out)
         self.resume = resume
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.parallel = Parallel(resolve_mode(config.distributed))
+        self.parallel.check_step_size(config.batch_size * config.gradient_accumulation_steps)
+        self.device = self.parallel.device
         dtype = DTYPES[config.dtype]
         if model is None:
             model, tokenizer = load_causal_lm(config.model, dtype)
         self.model = model.to(self.device, dtype)
+        # Every forward runs through the scorer (DDP's reducer and FSDP's hooks see it); under FSDP
+        # the model's parameters are shards from here on, and so is base_state.
+        self.scorer = self.parallel.wrap(self.model)
         self.tokenizer = tokenizer
         self.template = _check_template(tokenizer, config.template)
         self.make_generator = make_generator or (lambda model, tokenizer, cfg: HFGenerator(model, tokenizer, GenerationConfig(
@@ -354,7 +366,7 @@ class Trainer:
         flat = [prompt for _, _, _, prompts in plans for prompt in prompts]
         torch.manual_seed(_phase_seed(self.config.seed, iteration, 0))
         generator = self.make_generator(self.model, self.tokenizer, self.config)
-        generations = run_generator(generator, flat)
+        generations = self.parallel.generate(self.scorer, generator, flat, group=C)
         examples, dropped = [], []
         for n, (index, query, constitutions, prompts) in enumerate(plans):
             own = generations[n * C : (n + 1) * C]
@@ -381,6 +393,9 @@ class Trainer:
         return examples, dropped
 
     def _save_examples(self, path: Path, examples: list, dropped: list) -> None:
+        if not self.parallel.is_main:
+            return
+
         def write(tmp: Path):
             with open(tmp, "w", encoding="utf-8") as f:
                 for example in examples:
@@ -455,20 +470,26 @@ class Trainer:
         return chosen
 
     def _train_step(self, trainer: SAMITrainer, chosen: list) -> dict:
+        """One optimiser step on ``chosen``; with several processes each takes its share (``Parallel.share``)."""
         start = time.perf_counter()
         tokens = 0
         totals = {}
         size = self.config.batch_size
-        micro_batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
-        for batch in micro_batches:
+        mine = self.parallel.share(chosen)
+        micro_batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+        for index, batch in enumerate(micro_batches):
             prompts = [[p.ids for p in example.prompts] for example in batch]
             responses = [self._response_ids(example) for example in batch]
-            result = trainer.accumulate(prompts, responses, weight=len(batch) / len(chosen))
+            # The ranks' gradients are averaged: scaled by the world size, the average is the whole step's gradient.
+            result = trainer.accumulate(prompts, responses, weight=len(batch) * self.parallel.gradient_scale() / len(chosen),
+                                        sync_gradients=index == len(micro_batches) - 1)
             for name, value in result.items():
                 totals[name] = totals.get(name, 0.0) + value * len(batch) / len(chosen)
             C = len(prompts[0])
             tokens += sum(len(p) for row in prompts for p in row) + C * sum(len(r) for row in responses for r in row)
         applied = trainer.apply()
+        totals = self.parallel.sum({**totals, "tokens": tokens})
+        tokens = totals.pop("tokens")
         seconds = time.perf_counter() - start
         return {**totals, **applied, "tokens_per_s": tokens / seconds, "queries": len(chosen), "seconds": seconds}
 
@@ -478,7 +499,7 @@ class Trainer:
         checkpoint = self._latest_checkpoint() if self.resume else None
         if self.resume and checkpoint is None:
             warnings.warn(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
-        if checkpoint is None:
+        if checkpoint is None and self.parallel.is_main:
             for name in ("metrics.jsonl", "metrics.csv"):
                 (self.out / name).unlink(missing_ok=True)
         first_iteration = 1 if checkpoint is None else checkpoint["iteration"]
@@ -491,9 +512,11 @@ class Trainer:
             self._run_iteration(iteration, resuming)
             checkpoint = None
         policy = self.out / f"iteration-{self.config.iterations}" / "policy"
-        self._write_plot()
         final = self.out / "policy"
-        _write_atomically(final, lambda tmp: shutil.copytree(policy, tmp))
+        if self.parallel.is_main:
+            self._write_plot()
+            _write_atomically(final, lambda tmp: shutil.copytree(policy, tmp))
+        self.parallel.barrier()  # every process returns once the outputs exist
         return final
 
     def _run_iteration(self, iteration: int, checkpoint) -> None:
@@ -516,7 +539,7 @@ class Trainer:
         schedule = build_schedule(config, optimizer, total_steps)
         trainer = SAMITrainer(self.model, optimizer, micro_batch_size=config.micro_batch_size,
                               max_grad_norm=config.max_grad_norm, master_weights=master,
-                              reduction=config.score_reduction)
+                              reduction=config.score_reduction, scorer=self.scorer)
         first_step = 0
         torch.manual_seed(_phase_seed(config.seed, iteration, 1))
         if checkpoint is not None:
@@ -547,19 +570,21 @@ class Trainer:
         self.model.eval()
 
     def _bar(self, **kwargs):
-        if self.config.quiet:
+        if self.config.quiet or not self.parallel.is_main:
             return None
         from tqdm.auto import tqdm
 
         return tqdm(unit="step", **kwargs)
 
     def _report(self, text: str) -> None:
-        if not self.config.quiet:
+        if not self.config.quiet and self.parallel.is_main:
             print(text, flush=True)
 
     # ------------------------------------------------------------------ outputs
 
     def _log(self, row: dict) -> None:
+        if not self.parallel.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         path = self.out / "metrics.csv"
@@ -571,8 +596,13 @@ class Trainer:
             writer.writerow(row)
 
     def _save_policy(self, iteration: int) -> None:
+        # Under FSDP the weights are gathered (every process takes part); the model's own state dict otherwise.
+        state = self.parallel.model_state(self.model) if self.parallel.mode == "fsdp" else None
+        if not self.parallel.is_main:
+            return
+
         def write(tmp: Path):
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
 
         _write_atomically(self.out / f"iteration-{iteration}" / "policy", write)
@@ -603,16 +633,22 @@ class Trainer:
         return self.out / "checkpoints"
 
     def _save_checkpoint(self, iteration, step, total_steps, optimizer, schedule, master) -> None:
+        # Full tensors in the single-process format (gathered under FSDP): any number of processes
+        # loads them. Every process takes part in gathering; rank 0 writes.
+        model_state = self.parallel.model_state(self.model)
         state = {
             "iteration": iteration, "step": step, "total_steps": total_steps, "skipped_steps": self.skipped_steps,
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "master": master.state_dict() if master else None, "rng": _rng_states(),
-            "config": dataclasses.asdict(self.config),
+            "optimizer": self.parallel.optimizer_state(optimizer), "schedule": schedule.state_dict(),
+            "master": self.parallel.master_state(master), "rng": _rng_states(),
+            "rank_rng": self.parallel.rng_states(_rng_states()), "config": dataclasses.asdict(self.config),
         }
+        if not self.parallel.is_main:
+            self.parallel.barrier()
+            return
 
         def write(tmp: Path):
             tmp.mkdir(parents=True)
-            torch.save(self.model.state_dict(), tmp / "model.pt")
+            torch.save(model_state, tmp / "model.pt")
             torch.save(state, tmp / "state.pt")
 
         directory = self._checkpoint_dir() / f"iteration-{iteration:03d}-step-{step:07d}"
@@ -621,6 +657,7 @@ class Trainer:
         kept = sorted(p for p in self._checkpoint_dir().iterdir() if p.name.startswith("iteration-"))
         for old in kept[: -self.config.save_total_limit]:
             shutil.rmtree(old)
+        self.parallel.barrier()  # the checkpoint exists for every process
 
     def _latest_checkpoint(self):
         directory = self._checkpoint_dir()
@@ -635,21 +672,23 @@ class Trainer:
         return state
 
     def _load_model_weights(self, checkpoint) -> None:
-        self.model.load_state_dict(torch.load(checkpoint["path"] / "model.pt", weights_only=True))
+        self.parallel.load_model_state(self.model, torch.load(checkpoint["path"] / "model.pt", weights_only=True))
         self.skipped_steps = checkpoint["skipped_steps"]
         self._keep_metrics_until(checkpoint["iteration"], checkpoint["step"])
 
     def _restore(self, checkpoint, optimizer, schedule, master) -> int:
         self._load_model_weights(checkpoint)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        self.parallel.load_optimizer_state(optimizer, checkpoint["optimizer"])
         schedule.load_state_dict(checkpoint["schedule"])
         if master is not None:
-            master.load_state_dict(checkpoint["master"])
-        _set_rng_states(checkpoint["rng"])
+            self.parallel.load_master_state(master, checkpoint["master"])
+        _set_rng_states(self.parallel.own_rng_states(checkpoint))
         return checkpoint["step"]
 
     def _keep_metrics_until(self, iteration: int, step: int) -> None:
         """Drop metric rows written after the checkpoint (they are computed again)."""
+        if not self.parallel.is_main:
+            return
         path = self.out / "metrics.jsonl"
         rows = [json.loads(line) for line in open(path, encoding="utf-8")] if path.is_file() else []
         rows = [r for r in rows if (r["iteration"], r["step"]) <= (iteration, step)]

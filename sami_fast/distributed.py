@@ -1,0 +1,290 @@
+"""SAMI training on several processes: data parallel (DDP) or sharded (FSDP2), with torch.distributed doing the work.
+
+Launched by ``torchrun`` (``python -m torch.distributed.run``), one process per
+device; the process group comes from torchrun's environment (gloo on CPU, nccl
+on CUDA). ``Parallel`` is what a process needs to know and do:
+
+- ``"ddp"``: the model is replicated; its ``PairScorer`` is wrapped in
+  ``DistributedDataParallel``, so the backward that syncs all-reduces (averages)
+  the gradients; gradient caching's other chunks run under ``no_sync()``.
+- ``"fsdp"``: every decoder layer and the ``PairScorer`` root are sharded with
+  ``fully_shard`` (``shard``); all forwards run through the root, whose hooks
+  unshard the embeddings and the LM head that scoring reads directly.
+- ``"none"``: one process, nothing wrapped (what a plain ``python`` run does).
+
+Every rank takes its share of each optimiser step's queries and of the queries
+to generate for (``share``); generations are gathered so that every rank holds
+the same examples (``generate``). Checkpoints hold full (unsharded) tensors in the
+single-process format, so a checkpoint loads whatever the number of processes
+that wrote or reads it; rank 0 writes, every rank reads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from sami_fast.generation import run_generator
+from sami_fast.prefix import PairScorer
+
+MODES = ("auto", "none", "ddp", "fsdp")
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``; 1 outside torchrun)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an int (torchrun sets it), got {value!r}") from None
+
+
+def resolve_mode(mode: str) -> str:
+    """``"auto"``: ``"ddp"`` when torchrun started more than one process, else ``"none"``; other modes as given."""
+    if mode not in MODES:
+        raise ValueError(f"distributed must be one of {', '.join(MODES)}, got {mode!r}")
+    world = launched_world_size()
+    if mode == "auto":
+        return "ddp" if world > 1 else "none"
+    if mode == "none" and world > 1:
+        raise ValueError(f"distributed='none' but torchrun started WORLD_SIZE={world} processes: every one would "
+                         "train the whole run alone and write the same files; use 'ddp' or 'fsdp' (or 'auto')")
+    if mode != "none" and "RANK" not in os.environ and not dist.is_initialized():
+        raise ValueError(f"distributed={mode!r} needs the processes torchrun starts (RANK, WORLD_SIZE, MASTER_ADDR, "
+                         "MASTER_PORT): launch with `torchrun --nproc-per-node N ...`, or initialise the process "
+                         "group first")
+    return mode
+
+
+def _full(tensor):
+    """A DTensor gathered into an ordinary tensor (a collective: every rank calls it); anything else as is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _shard_like(value, like):
+    """``value`` (a full tensor) cut into this rank's shard as the DTensor ``like`` is; anything else as is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor) and isinstance(value, torch.Tensor) and value.shape == like.shape:
+        # Every rank holds the full value: each keeps its own piece, no communication.
+        return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return value
+
+
+def all_ranks_agree(flag: bool, device) -> bool:
+    """True when ``flag`` is True on every rank (one all-reduce; ``flag`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def gradient_norm(gradients) -> float:
+    """The global 2-norm of ``gradients`` (one fused reduction; sharded DTensor gradients are reduced across ranks)."""
+    return float(_full(torch.nn.utils.get_total_norm(gradients, foreach=True)))
+
+
+def shard(model, mesh) -> PairScorer:
+    """FSDP2 for ``model``: each decoder layer (the classes of ``model._no_split_modules``) its own ``fully_shard``
+    unit, the ``PairScorer`` root holding the rest (embeddings, final norm, LM head).
+
+    The root reshards after every forward, so a forward without a backward (the
+    no-grad pass of gradient caching, generation) leaves no unsharded parameter
+    behind. ``scorer.run(fn)`` is registered as a forward method: ``fn(model)``
+    (generation) runs with the root's parameters unsharded, and transformers'
+    ``generate`` keeps the ranks in step (``synced_gpus``) as it does for models
+    it shards itself.
+
+    Returns:
+        the sharded ``PairScorer``; ``model``'s parameters are now DTensor shards.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    scorer = PairScorer(model)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh)
+    fully_shard(scorer, mesh=mesh, reshard_after_forward=True)
+    register_fsdp_forward_method(scorer, "run")
+    model._is_fsdp_managed_module = True  # transformers' marker: generate() then passes synced_gpus=True
+    return scorer
+
+
+class Parallel:
+    """This process's part in a run: its rank, the device it uses, how the model is wrapped.
+
+    Arguments:
+        mode: ``"none"``, ``"ddp"`` or ``"fsdp"`` (``resolve_mode`` turns ``"auto"``
+            into one of them). Other modes initialise the process group from
+            torchrun's environment unless it already is (gloo on CPU, nccl on CUDA,
+            device ``cuda:LOCAL_RANK``).
+    """
+
+    def __init__(self, mode: str):
+        if mode not in MODES[1:]:
+            raise ValueError(f"mode must be one of {', '.join(MODES[1:])}, got {mode!r}")
+        self.mode = mode
+        if mode == "none":
+            self.rank, self.world_size = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+                dist.init_process_group("nccl", device_id=self.device)
+            else:
+                dist.init_process_group("gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
+        return self.rank == 0
+
+    def check_step_size(self, queries_per_step: int) -> None:
+        """Every rank needs at least one query of each optimiser step (it must take part in the gradient reduction)."""
+        if queries_per_step < self.world_size:
+            raise ValueError(
+                f"batch_size x gradient_accumulation_steps = {queries_per_step} queries per optimiser step, fewer "
+                f"than the {self.world_size} processes: each needs at least one; raise batch_size or "
+                "gradient_accumulation_steps, or run fewer processes")
+
+    def wrap(self, model) -> torch.nn.Module:
+        """The module every forward runs through: a ``PairScorer`` of ``model``, in DDP or sharded under FSDP2."""
+        if self.mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            return shard(model, init_device_mesh(self.device.type, (self.world_size,)))
+        scorer = PairScorer(model)
+        if self.mode == "ddp":
+            # broadcast_buffers=False: the buffers (rotary tables) are equal everywhere and never trained.
+            return torch.nn.parallel.DistributedDataParallel(scorer, broadcast_buffers=False)
+        return scorer
+
+    def share(self, items: list) -> list:
+        """This rank's contiguous share of ``items``: the first ``len % world_size`` ranks take one more."""
+        base, extra = divmod(len(items), self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return items[start : start + base + (self.rank < extra)]
+
+    def gradient_scale(self) -> int:
+        """DDP and FSDP average the ranks' gradients: each rank's gradient times this makes the average their sum."""
+        return self.world_size
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items`` (any picklable objects) concatenated in rank order, on every rank."""
+        if self.world_size == 1:
+            return list(items)
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, list(items))
+        return [item for part in gathered for item in part]
+
+    def sum(self, values: dict) -> dict:
+        """``values`` (name -> number) summed over the ranks (float64), on every rank."""
+        if self.world_size == 1:
+            return dict(values)
+        names = sorted(values)
+        total = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return dict(zip(names, total.tolist()))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def generate(self, scorer, generator, prompts: list, group: int) -> list:
+        """``run_generator(generator, prompts)`` with the work split across ranks; every rank gets every generation.
+
+        Arguments:
+            scorer: the module ``wrap`` returned (under FSDP2 the generator runs through its ``run``).
+            generator: a ``ResponseGenerator``.
+            prompts: the prompts, ``group`` consecutive ones per query (a query's prompts stay on one rank).
+        Returns:
+            one ``Generation`` per prompt, in order.
+        """
+        if self.world_size == 1:
+            return run_generator(generator, prompts)
+        queries = self.share([prompts[i : i + group] for i in range(0, len(prompts), group)])
+        mine = [prompt for query in queries for prompt in query]
+        if self.rank:  # sampling: each rank its own stream (rank 0 the one a single process draws)
+            torch.manual_seed(torch.initial_seed() + self.rank)
+        if self.mode == "fsdp":
+            # Sharded layers all-gather in every forward: every rank runs the same number of
+            # generate calls, padding its share with copies of the first prompt.
+            most_queries = -(-(len(prompts) // group) // self.world_size)
+            padded = mine + [prompts[0]] * (most_queries * group - len(mine))
+            generated = scorer.run(lambda model: run_generator(generator, padded))[: len(mine)]
+        else:
+            generated = run_generator(generator, mine) if mine else []
+        return self.gather(generated)
+
+    # ------------------------------------------------------------------ checkpoints: full tensors, any world size
+
+    def model_state(self, model) -> dict:
+        """``model``'s full state dict on rank 0 (under FSDP2 gathered to the CPU; other ranks get ``{}``)."""
+        if self.mode != "fsdp":
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, model, state: dict) -> None:
+        """Load a full state dict (every rank holds it) into ``model``, each rank keeping its shard under FSDP2."""
+        if self.mode != "fsdp":
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(self, optimizer) -> dict:
+        """``optimizer.state_dict()`` with every sharded tensor gathered: the single-process format.
+
+        By hand rather than ``get_optimizer_state_dict``: the optimizer may step fp32
+        master copies, which are no parameters of the model.
+        """
+        state = optimizer.state_dict()
+        if self.mode != "fsdp":
+            return state
+        gathered = {index: {key: _full(value).cpu() if isinstance(value, torch.Tensor) else value
+                            for key, value in entry.items()} for index, entry in state["state"].items()}
+        return {**state, "state": gathered}
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Load ``optimizer_state``'s format; under FSDP2 each rank keeps the shards of its parameters."""
+        if self.mode == "fsdp":
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            state = {**state, "state": {index: {key: _shard_like(value, parameters[index])
+                                                for key, value in entry.items()}
+                                        for index, entry in state["state"].items()}}
+        optimizer.load_state_dict(state)
+
+    def master_state(self, master) -> dict | None:
+        """``MasterWeights.state_dict()`` with sharded copies gathered (None without master weights)."""
+        if master is None:
+            return None
+        state = master.state_dict()
+        return {**state, "master": [_full(m).cpu() if self.mode == "fsdp" else m for m in state["master"]]}
+
+    def load_master_state(self, master, state: dict) -> None:
+        if self.mode == "fsdp":
+            state = {**state, "master": [_shard_like(saved, m) for saved, m in zip(state["master"],
+                                                                                 master.parameters(), strict=True)]}
+        master.load_state_dict(state)
+
+    def rng_states(self, local: dict) -> list | None:
+        """Every rank's RNG states (``local`` on each), for a checkpoint; None in a single process."""
+        return self.gather([local]) if self.world_size > 1 else None
+
+    def own_rng_states(self, checkpoint: dict) -> dict:
+        """This rank's RNG states from a checkpoint: its own when the world size matches, else rank 0's."""
+        saved = checkpoint.get("rank_rng")
+        return saved[self.rank] if saved is not None and len(saved) == self.world_size else checkpoint["rng"]

@@ -1,0 +1,110 @@
+"""The work tests/test_distributed.py runs under torchrun (2 processes, gloo): ``python -m torch.distributed.run
+--nproc-per-node 2 --standalone tests/distributed_job.py SPEC.json``.
+
+SPEC holds ``gradients`` (where rank 0 writes the all-reduced gradients of one accumulated step, per mode),
+``runs`` (Trainer runs: mode, config options, model seed, resume), and ``refused`` (where rank 0 writes the
+error a too small step gets). One launch does all of it: starting processes costs more than the work.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from sami_fast.distributed import Parallel  # noqa: E402
+from sami_fast.trainer import SAMITrainer  # noqa: E402
+from sami_fast.training import TrainConfig, Trainer  # noqa: E402
+from test_hf import random_problem, tiny_llama  # noqa: E402
+from tiny_lm import bpe_tokenizer, tiny_causal_lm  # noqa: E402
+
+# One accumulated step: 3 queries over 2 ranks (2 and 1), one query per micro-batch, 3 pairs per chunk.
+GRADIENT_PROBLEM = dict(seed=11, B=3, C=2, R=2)
+GRADIENT_CHUNK = 3
+
+
+def gradient_model():
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        return tiny_llama()
+
+
+def gradients(mode: str, path: str) -> None:
+    """This mode's gradient of the whole problem's SAMI loss, each rank doing its share; rank 0 saves it."""
+    parallel = Parallel(mode)
+    model = gradient_model()
+    scorer = parallel.wrap(model)
+    trainer = SAMITrainer(model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=GRADIENT_CHUNK,
+                          scorer=scorer)
+    problem = dict(GRADIENT_PROBLEM)
+    prompts, responses = random_problem(torch.Generator().manual_seed(problem.pop("seed")), **problem)
+    queries = parallel.share(list(range(len(prompts))))
+    reductions = []
+    if mode == "ddp":
+        def counting_hook(state, bucket):
+            reductions.append(bucket.index())
+            return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(state, bucket)
+
+        scorer.register_comm_hook(None, counting_hook)
+    for index, b in enumerate(queries):
+        trainer.accumulate(prompts[b : b + 1], responses[b : b + 1],
+                           weight=parallel.gradient_scale() / len(prompts), sync_gradients=index == len(queries) - 1)
+    from torch.distributed.tensor import DTensor
+
+    grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+             for name, p in model.named_parameters()}
+    if parallel.is_main:
+        torch.save({"grads": grads, "bucket_reductions": len(reductions)}, path)
+
+
+def run(spec: dict) -> None:
+    """One Trainer run; every rank writes the examples it ended with, DDP counts its gradient reductions."""
+    tokenizer = bpe_tokenizer()
+    config = TrainConfig(**spec["config"])
+    trainer = Trainer(config, model=tiny_causal_lm(tokenizer, seed=spec["model_seed"]), tokenizer=tokenizer,
+                      resume=spec.get("resume", False))
+    rank = trainer.parallel.rank
+    seen = []
+    generate = trainer.generate_examples
+
+    def recording(iteration):
+        examples, dropped = generate(iteration)
+        seen.append([[e.example_id, e.responses] for e in examples])
+        return examples, dropped
+
+    trainer.generate_examples = recording
+    reductions = []
+    if config.distributed == "ddp":
+        trainer.scorer.register_comm_hook(None, lambda state, bucket: (
+            reductions.append(bucket.index()),
+            torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(state, bucket))[1])
+    trainer.train()
+    out = Path(config.out)
+    (out / f"rank-{rank}.json").write_text(json.dumps({"examples": seen, "bucket_reductions": len(reductions)}))
+
+
+def refused(path: str, options: dict) -> None:
+    tokenizer = bpe_tokenizer()
+    try:
+        Trainer(TrainConfig(**options), model=tiny_causal_lm(tokenizer), tokenizer=tokenizer)
+    except ValueError as error:
+        if dist.get_rank() == 0:
+            Path(path).write_text(str(error))
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    dist.init_process_group("gloo")
+    for mode, path in spec["gradients"].items():
+        gradients(mode, path)
+    for item in spec["runs"]:
+        run(item)
+    refused(**spec["refused"])
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Data parallel (DDP) and sharded (FSDP2) SAMI training on 2 CPU processes (gloo) against the one-process run.
+
+One torchrun launch (tests/distributed_job.py) computes every distributed result;
+the tests compare them with one-process runs. Bounds follow tests/oracle.py: a
+gradient is compared with the fp64 model's, within k times the plain fp32
+computation's error; trained weights (no fp64 trainer run exists) are compared
+with the one-process run on the same global batch, within k times the
+difference between two one-process fp32 runs that differ only in summation order
+(the step's queries in one batch vs accumulated one by one): the fp32 noise of
+the run, measured here.
+"""
+
+import copy
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distributed_job import GRADIENT_CHUNK, GRADIENT_PROBLEM, gradient_model
+from oracle import assert_grads_oracle_close, assert_oracle_close
+from sami_fast import logprob_matrix, sami_loss
+from sami_fast.distributed import resolve_mode
+from sami_fast.training import TrainConfig, Trainer
+from test_hf import parameter_grads, random_problem
+from test_training import _config
+from tiny_lm import bpe_tokenizer, tiny_causal_lm
+
+TESTS = Path(__file__).resolve().parent
+MODEL_SEED = 7
+STEPS = 3
+# 3 queries per optimiser step: over 2 ranks an uneven share (2 and 1); clipping active (norms are ~1).
+RUN = dict(steps_per_iteration=STEPS, save_steps=1, save_total_limit=STEPS, micro_batch_size=3, max_grad_norm=0.5)
+BATCHED = dict(batch_size=3, gradient_accumulation_steps=1)
+ACCUMULATED = dict(batch_size=1, gradient_accumulation_steps=3)
+
+
+def _options(out: Path, **options) -> dict:
+    return dataclasses.asdict(_config(out.parent, **{**RUN, **options}, out=str(out)))
+
+
+def _single(out: Path, resume=False, **options) -> dict:
+    """A one-process run; returns its final weights."""
+    tokenizer = bpe_tokenizer()
+    config = TrainConfig(**_options(out, **options))
+    trainer = Trainer(config, model=tiny_causal_lm(tokenizer, seed=MODEL_SEED), tokenizer=tokenizer, resume=resume)
+    return AutoModelForCausalLM.from_pretrained(trainer.train()).state_dict()
+
+
+def _resumable_copy(source: Path, target: Path) -> Path:
+    """``source``'s outputs with its last checkpoint removed: a run interrupted after step STEPS - 1."""
+    shutil.copytree(source, target)
+    checkpoints = sorted((target / "checkpoints").iterdir())
+    assert checkpoints[-1].name.endswith(f"step-{STEPS:07d}"), checkpoints
+    shutil.rmtree(checkpoints[-1])
+    return target
+
+
+def _free_torchrun(script: Path, spec: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               str(script), str(spec)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    outs = {name: root / name for name in ("batched", "accumulated", "ddp", "fsdp", "fsdp_resumed")}
+    weights = {"batched": _single(outs["batched"], **BATCHED), "accumulated": _single(outs["accumulated"], **ACCUMULATED)}
+    _resumable_copy(outs["batched"], outs["fsdp_resumed"])
+    spec = {
+        "gradients": {mode: str(root / f"grads-{mode}.pt") for mode in ("ddp", "fsdp")},
+        "runs": [
+            {"config": _options(outs["ddp"], distributed="ddp", **ACCUMULATED), "model_seed": MODEL_SEED},
+            {"config": _options(outs["fsdp"], distributed="fsdp", **ACCUMULATED), "model_seed": MODEL_SEED},
+            {"config": _options(outs["fsdp_resumed"], distributed="fsdp", **BATCHED), "model_seed": MODEL_SEED,
+             "resume": True},
+        ],
+        "refused": {"path": str(root / "refused.txt"),
+                    "options": _options(root / "refused", distributed="ddp", batch_size=1)},
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    job = _free_torchrun(TESTS / "distributed_job.py", root / "spec.json")
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]
+    for name in ("ddp", "fsdp", "fsdp_resumed"):
+        weights[name] = AutoModelForCausalLM.from_pretrained(outs[name] / "policy").state_dict()
+    return {"root": root, "outs": outs, "weights": weights, "spec": spec}
+
+
+def _assert_same_run(ours: dict, batched: dict, accumulated: dict, what: str) -> None:
+    """``ours`` within 4 x the one-process runs' summation-order difference of the batched run, per tensor."""
+    assert ours.keys() == batched.keys()
+    moved = [name for name in batched if not torch.equal(batched[name], accumulated[name])]
+    assert moved, "the two one-process runs agree bit for bit: no noise to bound with"
+    for name in batched:
+        assert_oracle_close(ours[name], accumulated[name], batched[name], what=f"{what} {name}")
+
+
+def test_ddp_and_fsdp_gradients_equal_the_one_process_gradient(runs):
+    """The all-reduced (DDP) / reduce-scattered (FSDP2) gradient of an uneven 2 + 1 share is the whole batch's."""
+    problem = dict(GRADIENT_PROBLEM)
+    prompts, responses = random_problem(torch.Generator().manual_seed(problem.pop("seed")), **problem)
+    model = gradient_model()
+    plain = parameter_grads(model, lambda: sami_loss(logprob_matrix(model, prompts, responses)))
+    fp64 = copy.deepcopy(model).double()
+    truth = parameter_grads(fp64, lambda: sami_loss(logprob_matrix(fp64, prompts, responses)))
+    for mode, path in runs["spec"]["gradients"].items():
+        saved = torch.load(path, weights_only=True)
+        assert_grads_oracle_close(saved["grads"], plain, truth, what=f"{mode} ")
+    ddp = torch.load(runs["spec"]["gradients"]["ddp"], weights_only=True)
+    # Two accumulated queries on rank 0, several chunks each: one reduction of the (single) bucket in all.
+    assert ddp["bucket_reductions"] == 1, ddp["bucket_reductions"]
+    assert GRADIENT_CHUNK < 2 * 2  # C = R = 2: 4 pairs per query, so every query takes two chunks
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_run_equals_the_one_process_run(runs, mode):
+    weights, outs = runs["weights"], runs["outs"]
+    _assert_same_run(weights[mode], weights["batched"], weights["accumulated"], f"{mode} weights after {STEPS} steps")
+    # Generation was split across the ranks and gathered: both hold the examples one process generates.
+    ranks = [json.loads((outs[mode] / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["examples"] == ranks[1]["examples"]
+    single = [json.loads(line) for line in open(outs["batched"] / "iteration-1" / "data.jsonl")]
+    assert ranks[0]["examples"] == [[[r["example_id"], r["responses"]] for r in single if not r["dropped"]]]
+    assert (outs[mode] / "iteration-1" / "data.jsonl").read_text() == (
+        outs["batched"] / "iteration-1" / "data.jsonl").read_text()
+    # Rank 0 alone wrote the metrics: one row per step, global losses as one process computes them.
+    rows = {name: [json.loads(line) for line in open(outs[name] / "metrics.jsonl")]
+            for name in (mode, "batched", "accumulated")}
+    assert [r["step"] for r in rows[mode]] == list(range(1, STEPS + 1))
+    assert all(r["queries"] == 3 for r in rows[mode])
+    losses = {name: torch.tensor([r["loss"] for r in rows[name]]) for name in rows}
+    assert_oracle_close(losses[mode], losses["accumulated"], losses["batched"], dtype=torch.float32,
+                        what=f"{mode} losses")
+    if mode == "ddp":
+        # Gradients all-reduced once per optimiser step (the tiny model is one bucket), whatever the
+        # micro-batches and chunks: the others ran under no_sync().
+        assert [r["bucket_reductions"] for r in ranks] == [STEPS, STEPS]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, mode):
+    resumed_out = _resumable_copy(runs["outs"][mode], tmp_path / "resumed")
+    resumed = _single(resumed_out, resume=True, **ACCUMULATED)
+    weights = runs["weights"]
+    _assert_same_run(resumed, weights["batched"], weights["accumulated"], f"{mode} checkpoint resumed")
+    rows = [json.loads(line) for line in open(resumed_out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(runs):
+    weights = runs["weights"]
+    _assert_same_run(weights["fsdp_resumed"], weights["batched"], weights["accumulated"], "resumed under fsdp")
+
+
+def test_too_few_queries_per_step_for_the_ranks_is_refused(runs):
+    message = (runs["root"] / "refused.txt").read_text()
+    assert "batch_size x gradient_accumulation_steps = 1 queries per optimiser step" in message
+    assert "2 processes" in message
+
+
+def test_the_mode_follows_torchrun_and_bad_modes_are_named(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert resolve_mode("auto") == "none"
+    with pytest.raises(ValueError, match="distributed='ddp' needs the processes torchrun starts"):
+        resolve_mode("ddp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert resolve_mode("auto") == "ddp"
+    with pytest.raises(ValueError, match="distributed='none' but torchrun started WORLD_SIZE=2"):
+        resolve_mode("none")
+    with pytest.raises(ValueError, match="distributed must be one of auto, none, ddp, fsdp"):
+        TrainConfig(distributed="mpi")
