@@ -476,6 +476,8 @@ class Trainer:
         """Run every iteration; returns the directory of the last policy."""
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint = self._latest_checkpoint() if self.resume else None
+        if checkpoint is not None:
+            self._check_same_options(checkpoint["config"])
         if self.resume and checkpoint is None:
             warnings.warn(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
         if checkpoint is None:
@@ -633,6 +635,17 @@ class Trainer:
         state = torch.load(latest / "state.pt", weights_only=False)
         state["path"] = latest
         return state
+
+    def _check_same_options(self, saved: dict) -> None:
+        """A resumed run must train as the interrupted one did (only the output options may differ)."""
+        free = {"out", "quiet", "save_steps", "save_total_limit"}
+        current = dataclasses.asdict(self.config)
+        differ = sorted(k for k in current if k not in free and saved.get(k) != current[k])
+        if differ:
+            raise ValueError(
+                "resume: the checkpoint was written with other options: "
+                + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {current[k]!r})" for k in differ)
+            )
 
     def _load_model_weights(self, checkpoint) -> None:
         self.model.load_state_dict(torch.load(checkpoint["path"] / "model.pt", weights_only=True))
