@@ -72,7 +72,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     stop_strings: list = field(default_factory=list)
-    generation_batch_size: int | None = None
+    generation_batch_size: int | None = None  # prompts per generate call; None: all in one call
     # scoring
     score_reduction: str = "mean"  # mean (the reference code's) or sum of response-token log-probs
     score_eos: bool = False  # score a finished response with its EOS token (the reference code never does)
@@ -305,7 +305,7 @@ class Trainer:
         self.template = _check_template(tokenizer, config.template)
         self.make_generator = make_generator or (lambda model, tokenizer, cfg: HFGenerator(model, tokenizer, GenerationConfig(
             max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-            top_p=cfg.top_p, stop_strings=tuple(cfg.stop_strings), batch_size=cfg.generation_batch_size)))
+            top_p=cfg.top_p, stop_strings=tuple(cfg.stop_strings))))
         # Each iteration restarts from the base weights.
         self.base_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         self.queries = None if config.train_data else self._load_queries()
@@ -354,7 +354,15 @@ class Trainer:
         flat = [prompt for _, _, _, prompts in plans for prompt in prompts]
         torch.manual_seed(_phase_seed(self.config.seed, iteration, 0))
         generator = self.make_generator(self.model, self.tokenizer, self.config)
-        generations = run_generator(generator, flat)
+        size = self.config.generation_batch_size or len(flat)
+        bar = self._bar(total=len(flat), unit="prompt", desc=f"generate {iteration}/{self.config.iterations}")
+        generations = []
+        for start in range(0, len(flat), size):
+            generations += run_generator(generator, flat[start : start + size])
+            if bar is not None:
+                bar.update(len(flat[start : start + size]))
+        if bar is not None:
+            bar.close()
         examples, dropped = [], []
         for n, (index, query, constitutions, prompts) in enumerate(plans):
             own = generations[n * C : (n + 1) * C]
@@ -553,7 +561,7 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(unit="step", **kwargs)
+        return tqdm(**{"unit": "step", **kwargs})
 
     def _report(self, text: str) -> None:
         if not self.config.quiet:
