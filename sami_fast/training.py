@@ -68,9 +68,11 @@ class TrainConfig:
     template: str | None = None  # None: the tokenizer's chat template if it has one, else a plain template
     # generation
     max_new_tokens: int = 48
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # Sampled by default: greedy decoding often writes the same response under different
+    # constitutions, and a query whose responses repeat cannot train (it is dropped).
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
     stop_strings: list = field(default_factory=list)
     generation_batch_size: int | None = None  # prompts per generate call; None: all in one call
     # scoring
