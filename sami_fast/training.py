@@ -470,7 +470,10 @@ class Trainer:
         totals = {}
         size = self.config.batch_size
         micro_batches = [chosen[i : i + size] for i in range(0, len(chosen), size)]
-        for batch in micro_batches:
+        # Pre-generated examples may have different C: one SAMI matrix per group of equal C.
+        groups = [[e for e in batch if len(e.prompts) == c] for batch in micro_batches
+                  for c in sorted({len(e.prompts) for e in batch})]
+        for batch in groups:
             prompts = [[p.ids for p in example.prompts] for example in batch]
             responses = [self._response_ids(example) for example in batch]
             result = trainer.accumulate(prompts, responses, weight=len(batch) / len(chosen))

@@ -178,6 +178,19 @@ def test_mi_lower_bound_rises_on_a_fixed_dataset(tmp_path, tokenizer):
     assert all(abs(r["mi_lower_bound"] - (math.log(2) - r["loss"])) < 1e-5 for r in rows)
 
 
+def test_pregenerated_data_of_mixed_sizes_trains_and_reports_skipped_examples(tmp_path, tokenizer):
+    three = (["Be concise.\nUser: Hi?\nAssistant:", "Be verbose.\nUser: Hi?\nAssistant:",
+              "Be playful!\nUser: Hi?\nAssistant:"], [" Hi.", " Hello there, how are you today?", " Hey hey!"])
+    data = _reference_format(tmp_path / "train.json", FIXED + [three, (FIXED[0][0], [" Clouds.", ""])])
+    trainer = _trainer(tmp_path, tokenizer, train_data=str(data), batch_size=3, steps_per_iteration=2)
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "out" / "iteration-1" / "data.jsonl")]
+    assert {r["example_id"]: bool(r["dropped"]) for r in records} == {"0": False, "1": False, "2": False, "3": True}
+    assert sorted(len(r["responses"]) for r in records if not r["dropped"]) == [2, 2, 3]
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["queries"] == 3 and math.isfinite(r["loss"]) for r in rows)
+
+
 def test_each_iteration_restarts_from_the_base_model_and_generates_with_the_last_policy(tmp_path, tokenizer):
     seen = []
 
