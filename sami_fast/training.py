@@ -314,9 +314,11 @@ class Trainer:
         self.sampler = None
         if self.queries is not None:
             source = sami_data.load_constitution_source(config.principles or sami_data.embedded_principles_path())
+            # principles_per_constitution applies to principle files; ready constitutions are used as they are.
+            per_constitution = config.principles_per_constitution if source.principles is not None else None
             self.sampler = sami_data.ConstitutionSampler(
                 source, num_constitutions=config.num_constitutions,
-                principles_per_constitution=config.principles_per_constitution, seed=config.seed)
+                principles_per_constitution=per_constitution, seed=config.seed)
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ data

@@ -191,6 +191,17 @@ def test_pregenerated_data_of_mixed_sizes_trains_and_reports_skipped_examples(tm
     assert len(rows) == 2 and all(r["queries"] == 3 and math.isfinite(r["loss"]) for r in rows)
 
 
+def test_reference_constitution_directory_gives_positive_and_negative(tmp_path, tokenizer):
+    pairs = tmp_path / "constitutions"
+    pairs.mkdir()
+    for name, (positive, negative) in {"a.json": ("Be kind.", "Be rude."), "b.json": ("Be brief.", "Ramble.")}.items():
+        (pairs / name).write_text(json.dumps({"positive": positive, "negative": negative}))
+    trainer = _trainer(tmp_path, tokenizer, principles=str(pairs), steps_per_iteration=1)
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "out" / "iteration-1" / "data.jsonl")]
+    assert all(r["constitutions"] in (["Be kind.", "Be rude."], ["Be brief.", "Ramble."]) for r in records)
+
+
 def test_each_iteration_restarts_from_the_base_model_and_generates_with_the_last_policy(tmp_path, tokenizer):
     seen = []
 
