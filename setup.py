@@ -19,6 +19,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "setuptools>=70.1"],
         "hf": ["transformers>=4.57", "accelerate", "gguf"],
+        # `sami-fast train`: YAML configs, progress bars, the training plot.
+        "train": ["transformers>=4.57", "accelerate", "gguf", "pyyaml", "tqdm", "matplotlib"],
         "flash": ["flash-attn>=2.6"],
         # The fused linear cross-entropies the GPU benchmarks compare against (CUDA only).
         "peers": ["cut-cross-entropy", "liger-kernel"],

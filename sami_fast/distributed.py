@@ -26,7 +26,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from sami_fast.generation import run_generator
 from sami_fast.prefix import PairScorer
 
 MODES = ("auto", "none", "ddp", "fsdp")
@@ -169,11 +168,28 @@ class Parallel:
             return torch.nn.parallel.DistributedDataParallel(scorer, broadcast_buffers=False)
         return scorer
 
-    def share(self, items: list) -> list:
-        """This rank's contiguous share of ``items``: the first ``len % world_size`` ranks take one more."""
+    def share(self, items: list, rank: int | None = None) -> list:
+        """Rank ``rank``'s (default: this one's) contiguous share of ``items``; the first ``len % world_size`` take one more."""
+        rank = self.rank if rank is None else rank
         base, extra = divmod(len(items), self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return items[start : start + base + (self.rank < extra)]
+        start = rank * base + min(rank, extra)
+        return items[start : start + base + (rank < extra)]
+
+    def lockstep(self, chunk_counts) -> list | None:
+        """The accumulate calls every rank makes under FSDP2, where each forward and backward is a collective.
+
+        Arguments:
+            chunk_counts: rank -> the number of chunks of each of that rank's calls (every rank
+                computes every rank's: the step's queries are known to all).
+        Returns:
+            the chunks of each call, as many calls as the rank with most makes (a rank without
+            that call makes a zero-weight one; one with fewer chunks pads); None outside FSDP2,
+            where each rank makes its own calls.
+        """
+        if self.mode != "fsdp":
+            return None
+        counts = [chunk_counts(rank) for rank in range(self.world_size)]
+        return [max(c[call] for c in counts if call < len(c)) for call in range(max(map(len, counts)))]
 
     def gradient_scale(self) -> int:
         """DDP and FSDP average the ranks' gradients: each rank's gradient times this makes the average their sum."""
@@ -200,30 +216,31 @@ class Parallel:
         if self.world_size > 1:
             dist.barrier()
 
-    def generate(self, scorer, generator, prompts: list, group: int) -> list:
-        """``run_generator(generator, prompts)`` with the work split across ranks; every rank gets every generation.
+    def generate(self, scorer, generate, prompts: list, group: int) -> list:
+        """``generate(prompts)`` with the work split across ranks; every rank gets every generation.
 
         Arguments:
-            scorer: the module ``wrap`` returned (under FSDP2 the generator runs through its ``run``).
-            generator: a ``ResponseGenerator``.
-            prompts: the prompts, ``group`` consecutive ones per query (a query's prompts stay on one rank).
+            scorer: the module ``wrap`` returned (under FSDP2 ``generate`` runs through its ``run``).
+            generate: prompts -> one ``Generation`` per prompt (e.g. a ``ResponseGenerator`` through
+                ``run_generator``, in batches).
+            prompts: ``group`` consecutive prompts per query (a query's prompts stay on one rank).
         Returns:
             one ``Generation`` per prompt, in order.
         """
         if self.world_size == 1:
-            return run_generator(generator, prompts)
+            return generate(prompts)
         queries = self.share([prompts[i : i + group] for i in range(0, len(prompts), group)])
         mine = [prompt for query in queries for prompt in query]
         if self.rank:  # sampling: each rank its own stream (rank 0 the one a single process draws)
             torch.manual_seed(torch.initial_seed() + self.rank)
         if self.mode == "fsdp":
-            # Sharded layers all-gather in every forward: every rank runs the same number of
-            # generate calls, padding its share with copies of the first prompt.
+            # Sharded layers all-gather in every forward, so every rank makes the same generate
+            # calls: each pads its share to the largest with copies of the first prompt.
             most_queries = -(-(len(prompts) // group) // self.world_size)
             padded = mine + [prompts[0]] * (most_queries * group - len(mine))
-            generated = scorer.run(lambda model: run_generator(generator, padded))[: len(mine)]
+            generated = scorer.run(lambda model: generate(padded))[: len(mine)]
         else:
-            generated = run_generator(generator, mine) if mine else []
+            generated = generate(mine) if mine else []
         return self.gather(generated)
 
     # ------------------------------------------------------------------ checkpoints: full tensors, any world size

@@ -111,9 +111,11 @@ class PromptStates:
     padding_mask: torch.Tensor  # (P, width) bool, True on real tokens
 
 
-def _right_pad(sequences, pad_id: int, device):
+def _right_pad(sequences, pad_id: int, device, width: int = 0):
+    """(tokens, mask, lengths): ``sequences`` right-padded to the longest, and to at least ``width``."""
     lengths = torch.tensor([len(s) for s in sequences], device=device)
     tokens = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id).to(device)
+    tokens = torch.nn.functional.pad(tokens, (0, max(0, width - tokens.shape[1])), value=pad_id)
     mask = torch.arange(tokens.shape[1], device=device) < lengths[:, None]
     return tokens, mask, lengths
 
@@ -152,21 +154,24 @@ def run_prompts(parts: CausalLMParts, prompts, pad_id: int) -> PromptStates:
     )
 
 
-def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int, reduction="mean"):
+def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int, reduction="mean",
+                    always_run_decoder=False):
     """Mean (``reduction="sum"``: summed) log-prob of ``responses[i]`` given prompt ``pair_prompt[i]``: shape (n,).
 
     Response i is fed without its last token (which predicts nothing); its first
     token is predicted by the prompt's last hidden state, so each pair is the
     packed row sequence ``[last_hidden[prompt], h_0 .. h_{L-2}]`` with targets
-    ``y_0 .. y_{L-1}``.
+    ``y_0 .. y_{L-1}``. When every response has one token nothing is fed, unless
+    ``always_run_decoder`` (FSDP2 ranks must run the same layer calls): then a
+    masked padding token is, and its (unused) rows get zero gradient.
     """
     device = parts.head_weight.device
     n = len(responses)
     n_prompts = states.last_hidden.shape[0]
     rows = states.last_hidden
-    feed_width = max(len(r) for r in responses) - 1
+    feed_width = max(max(len(r) for r in responses) - 1, 1 if always_run_decoder else 0)
     if feed_width > 0:
-        tokens, mask, _ = _right_pad([r[:-1] for r in responses], pad_id, device)
+        tokens, mask, _ = _right_pad([r[:-1] for r in responses], pad_id, device, width=feed_width)
         past_length = states.padding_mask.shape[1]
         cache = _new_cache(parts.config)
         for layer, (k, v) in enumerate(zip(states.keys, states.values)):

@@ -41,6 +41,6 @@ def load_causal_lm(spec: str | None, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as error:
         raise FileNotFoundError(
-            f"model: {spec!r} is neither a model directory, a .gguf file nor a hub name in the local cache ({error})"
+            f"model: {spec!r} is neither a model directory, a .gguf file nor a hub name in the local cache"
         ) from error
     return model.eval(), tokenizer

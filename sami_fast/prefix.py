@@ -168,13 +168,14 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     return torch.cat(scores).reshape(pairs.shape)
 
 
-def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str) -> torch.Tensor:
+def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str, always_run_decoder=False) -> torch.Tensor:
     """Scores of pairs [start, stop), re-running just the prompts they need."""
     first = int(pairs.pair_prompt[start])
     last = int(pairs.pair_prompt[stop - 1])
     states = run_prompts(parts, pairs.prompts[first : last + 1], pairs.pad_id)
     responses = [pairs.responses[i] for i in pairs.pair_response[start:stop]]
-    return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id, reduction)
+    return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id, reduction,
+                           always_run_decoder=always_run_decoder)
 
 
 def _rng_state(device: torch.device):
@@ -210,7 +211,9 @@ class PairScorer(torch.nn.Module):
 
     def forward(self, pairs: _Pairs, start: int, stop: int, reduction: str) -> torch.Tensor:
         """Scores of pairs ``[start, stop)`` of ``pairs`` (as ``sami_backward`` prepares them): shape (stop - start,)."""
-        return _chunk_scores(causal_lm_parts(self.model), pairs, start, stop, reduction)
+        # Sharded, every chunk makes the same layer calls on every rank (each call is a collective).
+        return _chunk_scores(causal_lm_parts(self.model), pairs, start, stop, reduction,
+                             always_run_decoder=_is_fsdp_module(self))
 
     def run(self, fn):
         """``fn(model)``: another use of the model (e.g. generation) through the scorer."""
@@ -246,9 +249,18 @@ def _gradient_sync(scorer, sync: bool):
         return contextlib.nullcontext()
     if isinstance(scorer, torch.nn.parallel.DistributedDataParallel):
         return scorer.no_sync()
-    if callable(getattr(scorer, "set_requires_gradient_sync", None)):  # an FSDP2 module
+    if _is_fsdp_module(scorer):
         return _fsdp_no_sync(scorer)
     return contextlib.nullcontext()
+
+
+def _is_fsdp_module(module) -> bool:
+    """Whether ``fully_shard`` made ``module`` an FSDP2 unit."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 @contextlib.contextmanager
@@ -261,7 +273,7 @@ def _fsdp_no_sync(module):
 
 
 def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0,
-                  sync_gradients=True):
+                  sync_gradients=True, min_chunks=None):
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
 
     Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
@@ -281,7 +293,10 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
     reduces gradients across ranks; every other chunk's backward runs under
     ``no_sync()`` (DDP) or ``set_requires_gradient_sync(False)`` (FSDP2), so with
     accumulation only the last call of an optimiser step passes True. No effect
-    without a distributed wrapper.
+    without a distributed wrapper. ``min_chunks``: run at least this many chunks
+    (the extra ones recompute the last chunk and back-propagate zeros): every
+    forward and backward of an FSDP2 model is a collective, so its ranks must
+    run the same number of chunks.
     """
     _check_reduction(reduction)
     if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight):
@@ -299,7 +314,10 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
         )
     if micro_batch_size is None:
         raise ValueError("micro_batch_size must be a positive int (pairs per chunk), got None")
+    if min_chunks is not None and (isinstance(min_chunks, bool) or not isinstance(min_chunks, int) or min_chunks < 1):
+        raise ValueError(f"min_chunks must be None or a positive int, got {min_chunks!r}")
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
+    padding = max(0, (min_chunks or 0) - len(chunks))
     if mask is not None:
         check_tensor("mask", mask, dims=(3,), dtypes=(torch.bool,))
         if tuple(mask.shape) != pairs.shape:
@@ -312,15 +330,19 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
             for start, stop in chunks:
                 replay.append(_rng_state(device))
                 pieces.append(scorer(pairs, start, stop, reduction))
+            for _ in range(padding):
+                scorer(pairs, *chunks[-1], reduction)
         matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()
         with torch.enable_grad():
             loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True)
             (d_matrix,) = torch.autograd.grad(loss, matrix)
         d_scores = d_matrix.reshape(-1) * loss_weight
         resume = _rng_state(device)
-        for index, ((start, stop), state) in enumerate(zip(chunks, replay)):
+        runs = list(zip(chunks, replay, [d_scores[s:e] for s, e in chunks]))
+        runs += [(chunks[-1], replay[-1], torch.zeros_like(d_scores[slice(*chunks[-1])]))] * padding
+        for index, ((start, stop), state, d_chunk) in enumerate(runs):
             _set_rng_state(device, state)
-            with torch.enable_grad(), _gradient_sync(scorer, sync_gradients and index == len(chunks) - 1):
-                scorer(pairs, start, stop, reduction).backward(d_scores[start:stop])
+            with torch.enable_grad(), _gradient_sync(scorer, sync_gradients and index == len(runs) - 1):
+                scorer(pairs, start, stop, reduction).backward(d_chunk)
         _set_rng_state(device, resume)
     return loss.detach(), stats

@@ -205,6 +205,8 @@ class SAMITrainer:
     an optimiser step passes ``sync_gradients=True``; the gradients the ranks reduce
     are averaged, so weight each rank's batches by world size x their share of the
     step's queries; whether a step is skipped is decided by all ranks together.
+    Under FSDP2 the ranks must also make the same calls with the same number of
+    chunks (``min_chunks`` pads; ``sami_fast.distributed.Parallel.lockstep``).
     """
 
     def __init__(self, model, optimizer, *, micro_batch_size, max_grad_norm=None, master_weights=None,
@@ -232,15 +234,14 @@ class SAMITrainer:
         self.reduction = reduction
         self._losses = []
 
-    def accumulate(self, prompts, responses, mask=None, *, weight=1.0, sync_gradients=True) -> dict:
+    def accumulate(self, prompts, responses, mask=None, *, weight=1.0, sync_gradients=True, min_chunks=None) -> dict:
         """Add ``weight`` times this batch's SAMI gradient to ``.grad``; returns its (unweighted) loss and stats.
 
-        ``sync_gradients``: whether this batch's last backward reduces the gradients across ranks (with a
-        distributed ``scorer``; see ``sami_backward``).
+        ``sync_gradients``, ``min_chunks``: as in ``sami_backward`` (for a distributed ``scorer``).
         """
         loss, stats = sami_backward(
             self.scorer or self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask,
-            reduction=self.reduction, loss_weight=weight, sync_gradients=sync_gradients,
+            reduction=self.reduction, loss_weight=weight, sync_gradients=sync_gradients, min_chunks=min_chunks,
         )
         self._losses.append(loss)
         return {"loss": float(loss), **{name: float(value) for name, value in stats.items()}}

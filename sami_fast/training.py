@@ -35,7 +35,7 @@ import torch
 from sami_fast import data as sami_data
 from sami_fast.distributed import MODES as DISTRIBUTED_MODES
 from sami_fast.distributed import Parallel, resolve_mode
-from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason
+from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason, run_generator
 from sami_fast.models import DTYPES, load_causal_lm
 from sami_fast.trainer import MasterWeights, SAMITrainer, _check_template, _prompt_text
 
@@ -70,11 +70,13 @@ class TrainConfig:
     template: str | None = None  # None: the tokenizer's chat template if it has one, else a plain template
     # generation
     max_new_tokens: int = 48
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # Sampled by default: greedy decoding often writes the same response under different
+    # constitutions, and a query whose responses repeat cannot train (it is dropped).
+    do_sample: bool = True
+    temperature: float = 0.7
+    top_p: float = 0.9
     stop_strings: list = field(default_factory=list)
-    generation_batch_size: int | None = None
+    generation_batch_size: int | None = None  # prompts per generate call; None: all in one call
     # scoring
     score_reduction: str = "mean"  # mean (the reference code's) or sum of response-token log-probs
     score_eos: bool = False  # score a finished response with its EOS token (the reference code never does)
@@ -317,16 +319,18 @@ class Trainer:
         self.template = _check_template(tokenizer, config.template)
         self.make_generator = make_generator or (lambda model, tokenizer, cfg: HFGenerator(model, tokenizer, GenerationConfig(
             max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-            top_p=cfg.top_p, stop_strings=tuple(cfg.stop_strings), batch_size=cfg.generation_batch_size)))
+            top_p=cfg.top_p, stop_strings=tuple(cfg.stop_strings))))
         # Each iteration restarts from the base weights.
         self.base_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         self.queries = None if config.train_data else self._load_queries()
         self.sampler = None
         if self.queries is not None:
             source = sami_data.load_constitution_source(config.principles or sami_data.embedded_principles_path())
+            # principles_per_constitution applies to principle files; ready constitutions are used as they are.
+            per_constitution = config.principles_per_constitution if source.principles is not None else None
             self.sampler = sami_data.ConstitutionSampler(
                 source, num_constitutions=config.num_constitutions,
-                principles_per_constitution=config.principles_per_constitution, seed=config.seed)
+                principles_per_constitution=per_constitution, seed=config.seed)
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ data
@@ -366,7 +370,9 @@ class Trainer:
         flat = [prompt for _, _, _, prompts in plans for prompt in prompts]
         torch.manual_seed(_phase_seed(self.config.seed, iteration, 0))
         generator = self.make_generator(self.model, self.tokenizer, self.config)
-        generations = self.parallel.generate(self.scorer, generator, flat, group=C)
+        # Each process generates for its share of the queries; every one gets all the generations.
+        generations = self.parallel.generate(
+            self.scorer, lambda prompts: self._generate_in_batches(generator, prompts, iteration), flat, group=C)
         examples, dropped = [], []
         for n, (index, query, constitutions, prompts) in enumerate(plans):
             own = generations[n * C : (n + 1) * C]
@@ -377,6 +383,19 @@ class Trainer:
             reason = drop_reason(example.responses)
             (dropped if reason else examples).append((example, reason) if reason else example)
         return examples, dropped
+
+    def _generate_in_batches(self, generator, prompts: list, iteration: int) -> list:
+        """``generation_batch_size`` prompts per generator call, with a progress bar."""
+        size = self.config.generation_batch_size or len(prompts)
+        bar = self._bar(total=len(prompts), unit="prompt", desc=f"generate {iteration}/{self.config.iterations}")
+        generations = []
+        for start in range(0, len(prompts), size):
+            generations += run_generator(generator, prompts[start : start + size])
+            if bar is not None:
+                bar.update(len(prompts[start : start + size]))
+        if bar is not None:
+            bar.close()
+        return generations
 
     def _raw_prompt(self, text: str) -> Prompt:
         """A prompt already rendered (the reference code's training data): tokenized with the tokenizer's own BOS."""
@@ -469,20 +488,48 @@ class Trainer:
             chosen.append(examples[int(order[offset])])
         return chosen
 
+    def _micro_batches(self, examples: list) -> list:
+        """``examples`` in micro-batches of ``batch_size``, each split into groups of equal C (one SAMI matrix each)."""
+        size = self.config.batch_size
+        micro_batches = [examples[i : i + size] for i in range(0, len(examples), size)]
+        # Pre-generated examples may have different C: one SAMI matrix per group of equal C.
+        return [[e for e in batch if len(e.prompts) == c] for batch in micro_batches
+                for c in sorted({len(e.prompts) for e in batch})]
+
+    def _accumulation_calls(self, chosen: list) -> list:
+        """(batch, min_chunks) per accumulate call of this process: its share of ``chosen`` in micro-batches.
+
+        Under FSDP2 the calls are padded to the schedule every rank follows
+        (``Parallel.lockstep``); a call with batch None is one this rank makes with zero weight.
+        """
+        pairs_per_chunk = self.config.micro_batch_size
+        share = lambda rank: self._micro_batches(self.parallel.share(chosen, rank))
+        mine = share(self.parallel.rank)
+        schedule = self.parallel.lockstep(
+            lambda rank: [-(-sum(len(e.prompts) ** 2 for e in batch) // pairs_per_chunk) for batch in share(rank)])
+        if schedule is None:
+            return [(batch, None) for batch in mine]
+        return [(mine[call] if call < len(mine) else None, chunks) for call, chunks in enumerate(schedule)]
+
     def _train_step(self, trainer: SAMITrainer, chosen: list) -> dict:
         """One optimiser step on ``chosen``; with several processes each takes its share (``Parallel.share``)."""
         start = time.perf_counter()
         tokens = 0
         totals = {}
-        size = self.config.batch_size
-        mine = self.parallel.share(chosen)
-        micro_batches = [mine[i : i + size] for i in range(0, len(mine), size)]
-        for index, batch in enumerate(micro_batches):
+        calls = self._accumulation_calls(chosen)
+        for index, (batch, min_chunks) in enumerate(calls):
+            last = index == len(calls) - 1
+            if batch is None:
+                # The 2 x 2 corner of one of this rank's queries: no more chunks than any real call.
+                example = calls[0][0][0]
+                trainer.accumulate([[p.ids for p in example.prompts[:2]]], [self._response_ids(example)[:2]],
+                                   weight=0.0, sync_gradients=last, min_chunks=min_chunks)
+                continue
             prompts = [[p.ids for p in example.prompts] for example in batch]
             responses = [self._response_ids(example) for example in batch]
             # The ranks' gradients are averaged: scaled by the world size, the average is the whole step's gradient.
             result = trainer.accumulate(prompts, responses, weight=len(batch) * self.parallel.gradient_scale() / len(chosen),
-                                        sync_gradients=index == len(micro_batches) - 1)
+                                        sync_gradients=last, min_chunks=min_chunks)
             for name, value in result.items():
                 totals[name] = totals.get(name, 0.0) + value * len(batch) / len(chosen)
             C = len(prompts[0])
@@ -497,6 +544,8 @@ class Trainer:
         """Run every iteration; returns the directory of the last policy."""
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint = self._latest_checkpoint() if self.resume else None
+        if checkpoint is not None:
+            self._check_same_options(checkpoint["config"])
         if self.resume and checkpoint is None:
             warnings.warn(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
         if checkpoint is None and self.parallel.is_main:
@@ -574,7 +623,7 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(unit="step", **kwargs)
+        return tqdm(**{"unit": "step", **kwargs})
 
     def _report(self, text: str) -> None:
         if not self.config.quiet and self.parallel.is_main:
@@ -636,11 +685,12 @@ class Trainer:
         # Full tensors in the single-process format (gathered under FSDP): any number of processes
         # loads them. Every process takes part in gathering; rank 0 writes.
         model_state = self.parallel.model_state(self.model)
+        rng = _rng_states()
         state = {
             "iteration": iteration, "step": step, "total_steps": total_steps, "skipped_steps": self.skipped_steps,
             "optimizer": self.parallel.optimizer_state(optimizer), "schedule": schedule.state_dict(),
-            "master": self.parallel.master_state(master), "rng": _rng_states(),
-            "rank_rng": self.parallel.rng_states(_rng_states()), "config": dataclasses.asdict(self.config),
+            "master": self.parallel.master_state(master), "rng": rng, "rank_rng": self.parallel.rng_states(rng),
+            "config": dataclasses.asdict(self.config),
         }
         if not self.parallel.is_main:
             self.parallel.barrier()
@@ -670,6 +720,18 @@ class Trainer:
         state = torch.load(latest / "state.pt", weights_only=False)
         state["path"] = latest
         return state
+
+    def _check_same_options(self, saved: dict) -> None:
+        """A resumed run must train as the interrupted one did (only the output options may differ)."""
+        # distributed: how many processes run it, not what it trains (checkpoints load in any mode).
+        free = {"out", "quiet", "save_steps", "save_total_limit", "distributed"}
+        current = dataclasses.asdict(self.config)
+        differ = sorted(k for k in current if k not in free and saved.get(k) != current[k])
+        if differ:
+            raise ValueError(
+                "resume: the checkpoint was written with other options: "
+                + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {current[k]!r})" for k in differ)
+            )
 
     def _load_model_weights(self, checkpoint) -> None:
         self.parallel.load_model_state(self.model, torch.load(checkpoint["path"] / "model.pt", weights_only=True))

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 
 from sami_fast.distributed import Parallel  # noqa: E402
 from sami_fast.trainer import SAMITrainer  # noqa: E402
@@ -24,6 +25,18 @@ from tiny_lm import bpe_tokenizer, tiny_causal_lm  # noqa: E402
 # One accumulated step: 3 queries over 2 ranks (2 and 1), one query per micro-batch, 3 pairs per chunk.
 GRADIENT_PROBLEM = dict(seed=11, B=3, C=2, R=2)
 GRADIENT_CHUNK = 3
+
+
+def count_reductions(ddp) -> list:
+    """A list that gets one entry per bucket DDP all-reduces (DDP's own all-reduce, counted)."""
+    reductions = []
+
+    def hook(state, bucket):
+        reductions.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, hook)
+    return reductions
 
 
 def gradient_model():
@@ -41,17 +54,19 @@ def gradients(mode: str, path: str) -> None:
                           scorer=scorer)
     problem = dict(GRADIENT_PROBLEM)
     prompts, responses = random_problem(torch.Generator().manual_seed(problem.pop("seed")), **problem)
-    queries = parallel.share(list(range(len(prompts))))
-    reductions = []
-    if mode == "ddp":
-        def counting_hook(state, bucket):
-            reductions.append(bucket.index())
-            return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(state, bucket)
-
-        scorer.register_comm_hook(None, counting_hook)
-    for index, b in enumerate(queries):
-        trainer.accumulate(prompts[b : b + 1], responses[b : b + 1],
-                           weight=parallel.gradient_scale() / len(prompts), sync_gradients=index == len(queries) - 1)
+    everyone = list(range(len(prompts)))
+    queries = parallel.share(everyone)
+    reductions = count_reductions(scorer) if mode == "ddp" else []
+    # One call per query; under FSDP2 rank 1 makes a zero-weight second call, as the Trainer does.
+    chunks = -(-problem["C"] * problem["R"] // GRADIENT_CHUNK)
+    schedule = parallel.lockstep(lambda rank: [chunks] * len(parallel.share(everyone, rank)))
+    calls = [(b, None) for b in queries] if schedule is None else [
+        (queries[i] if i < len(queries) else None, n) for i, n in enumerate(schedule)]
+    for index, (b, min_chunks) in enumerate(calls):
+        weight = 0.0 if b is None else parallel.gradient_scale() / len(prompts)
+        b = queries[0] if b is None else b
+        trainer.accumulate(prompts[b : b + 1], responses[b : b + 1], weight=weight,
+                           sync_gradients=index == len(calls) - 1, min_chunks=min_chunks)
     from torch.distributed.tensor import DTensor
 
     grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
@@ -76,11 +91,7 @@ def run(spec: dict) -> None:
         return examples, dropped
 
     trainer.generate_examples = recording
-    reductions = []
-    if config.distributed == "ddp":
-        trainer.scorer.register_comm_hook(None, lambda state, bucket: (
-            reductions.append(bucket.index()),
-            torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(state, bucket))[1])
+    reductions = count_reductions(trainer.scorer) if config.distributed == "ddp" else []
     trainer.train()
     out = Path(config.out)
     (out / f"rank-{rank}.json").write_text(json.dumps({"examples": seen, "bucket_reductions": len(reductions)}))

@@ -6,6 +6,7 @@ resume, the CLI on the embedded data, and bad input.
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -177,6 +178,30 @@ def test_mi_lower_bound_rises_on_a_fixed_dataset(tmp_path, tokenizer):
     assert all(abs(r["mi_lower_bound"] - (math.log(2) - r["loss"])) < 1e-5 for r in rows)
 
 
+def test_pregenerated_data_of_mixed_sizes_trains_and_reports_skipped_examples(tmp_path, tokenizer):
+    three = (["Be concise.\nUser: Hi?\nAssistant:", "Be verbose.\nUser: Hi?\nAssistant:",
+              "Be playful!\nUser: Hi?\nAssistant:"], [" Hi.", " Hello there, how are you today?", " Hey hey!"])
+    data = _reference_format(tmp_path / "train.json", FIXED + [three, (FIXED[0][0], [" Clouds.", ""])])
+    trainer = _trainer(tmp_path, tokenizer, train_data=str(data), batch_size=3, steps_per_iteration=2)
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "out" / "iteration-1" / "data.jsonl")]
+    assert {r["example_id"]: bool(r["dropped"]) for r in records} == {"0": False, "1": False, "2": False, "3": True}
+    assert sorted(len(r["responses"]) for r in records if not r["dropped"]) == [2, 2, 3]
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert len(rows) == 2 and all(r["queries"] == 3 and math.isfinite(r["loss"]) for r in rows)
+
+
+def test_reference_constitution_directory_gives_positive_and_negative(tmp_path, tokenizer):
+    pairs = tmp_path / "constitutions"
+    pairs.mkdir()
+    for name, (positive, negative) in {"a.json": ("Be kind.", "Be rude."), "b.json": ("Be brief.", "Ramble.")}.items():
+        (pairs / name).write_text(json.dumps({"positive": positive, "negative": negative}))
+    trainer = _trainer(tmp_path, tokenizer, principles=str(pairs), steps_per_iteration=1)
+    trainer.train()
+    records = [json.loads(line) for line in open(tmp_path / "out" / "iteration-1" / "data.jsonl")]
+    assert all(r["constitutions"] in (["Be kind.", "Be rude."], ["Be brief.", "Ramble."]) for r in records)
+
+
 def test_each_iteration_restarts_from_the_base_model_and_generates_with_the_last_policy(tmp_path, tokenizer):
     seen = []
 
@@ -245,8 +270,8 @@ def _final_weights(path: Path) -> dict:
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tokenizer):
-    options = dict(iterations=2, steps_per_iteration=3, save_steps=1, batch_size=1, gradient_accumulation_steps=2,
-                   do_sample=True, temperature=1.5)
+    options = dict(iterations=2, steps_per_iteration=2, save_steps=1, batch_size=1, gradient_accumulation_steps=2,
+                   max_queries=2, max_new_tokens=4, do_sample=True, temperature=1.5)
     straight = _trainer(tmp_path / "a", tokenizer, **options)
     reference = _final_weights(straight.train())
 
@@ -254,15 +279,19 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tokenizer):
     calls = {"n": 0}
     original = interrupted._train_step
 
-    def stop_after_four(*args):
+    def stop_in_iteration_two(*args):
         calls["n"] += 1
-        if calls["n"] == 5:  # iteration 2, step 2: as if the process were killed here
+        if calls["n"] == 4:  # iteration 2, step 2: as if the process were killed here
             raise KeyboardInterrupt
         return original(*args)
 
-    interrupted._train_step = stop_after_four
+    interrupted._train_step = stop_in_iteration_two
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
+    changed = dict(options, lr=2e-3)
+    with pytest.raises(ValueError, match="resume: the checkpoint was written with other options: lr"):
+        Trainer(_config(tmp_path / "b", **changed), model=tiny_causal_lm(tokenizer), tokenizer=tokenizer,
+                resume=True).train()
     resumed = Trainer(_config(tmp_path / "b", **options), model=tiny_causal_lm(tokenizer), tokenizer=tokenizer,
                       resume=True)
     result = _final_weights(resumed.train())
@@ -293,17 +322,18 @@ KILLED_RUN = textwrap.dedent("""
 
     training.torch.save = slow_save
     tokenizer = bpe_tokenizer()
-    config = training.TrainConfig(out={out!r}, max_queries=4, num_constitutions=2, principles_per_constitution=1,
-                                  max_new_tokens=4, iterations=1, batch_size=1, steps_per_iteration=4, save_steps=1,
-                                  save_total_limit=5, quiet=True)
+    config = training.TrainConfig.from_file({config!r})
     training.Trainer(config, model=tiny_causal_lm(tokenizer), tokenizer=tokenizer).train()
 """)
 
 
 def test_a_kill_mid_save_leaves_only_loadable_checkpoints(tmp_path, tokenizer):
     out = tmp_path / "out"
+    config = _config(tmp_path, max_new_tokens=4, batch_size=1, steps_per_iteration=4, save_steps=1,
+                     save_total_limit=5)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     script = tmp_path / "run.py"
-    script.write_text(KILLED_RUN.format(tests=str(TESTS), out=str(out)))
+    script.write_text(KILLED_RUN.format(tests=str(TESTS), config=str(tmp_path / "config.json")))
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "MID-SAVE"
@@ -314,12 +344,11 @@ def test_a_kill_mid_save_leaves_only_loadable_checkpoints(tmp_path, tokenizer):
     complete = [p for p in checkpoints if not p.name.startswith(".")]
     assert [p.name for p in complete] == ["iteration-001-step-0000001", "iteration-001-step-0000002"]
     assert any(p.name.startswith(".tmp-") for p in checkpoints)  # the half-written one, never renamed
-    config = _config(tmp_path, max_new_tokens=4, batch_size=1, steps_per_iteration=4, save_steps=1,
-                     save_total_limit=5)
     resumed = Trainer(config, model=tiny_causal_lm(tokenizer), tokenizer=tokenizer, resume=True)
     assert resumed._latest_checkpoint()["step"] == 2
     final = _final_weights(resumed.train())
-    straight = _trainer(tmp_path / "straight", tokenizer, max_new_tokens=4, batch_size=1, steps_per_iteration=4)
+    straight = Trainer(dataclasses.replace(config, out=str(tmp_path / "straight")), model=tiny_causal_lm(tokenizer),
+                       tokenizer=tokenizer)
     reference = _final_weights(straight.train())
     assert all(torch.equal(final[k], v) for k, v in reference.items())
 
