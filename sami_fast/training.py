@@ -300,6 +300,10 @@ class Trainer:
         self.resume = resume
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES[config.dtype]
+        if config.quiet:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # loading and GGUF-conversion bars too
         if model is None:
             model, tokenizer = load_causal_lm(config.model, dtype)
         self.model = model.to(self.device, dtype)
