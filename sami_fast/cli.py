@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ def _train(args, preset=None) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     from_file = TrainConfig.read_file(args.config) if args.config else {}
     config = TrainConfig.from_dict({**(preset or {}), **from_file, **flags}, where=args.config or "flags")
+    if config.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also the bars of libraries it calls (GGUF conversion)
     started = time.perf_counter()
     trainer = Trainer(config, resume=args.resume)
     policy = trainer.train()

@@ -9,14 +9,25 @@ call. The LM head is applied only where a response token is predicted: at the
 prompt's last position (it predicts the first response token) and at the
 response positions, through the fused ``sequence_logprobs`` (no logits tensor).
 
-Supported: decoder-only ``transformers`` causal LMs with a ``DynamicCache``
-(Llama, Qwen2, GPT-2, ...) on transformers 4.57+ and 5.x, where the cache
-keyword is ``past_key_values`` or ``cache`` (detected from the forward signature).
+Prompts are left-padded: every prompt ends at the same cache index and its
+responses follow it directly, so within a row the cache indices of the keys
+differ from their true positions by one constant. Attention that depends on the
+key index (MPT's ALiBi) or on index differences (sliding windows) is then exact;
+RoPE and learned positions get the true positions through ``position_ids``.
+
+Exact or refused: an architecture is scored only when this is exact. Model types
+in ``VERIFIED_MODEL_TYPES`` are tested in the suite (``tests/test_architectures.py``);
+any other model runs a first-use self-check on its own batch (``self_check``), and
+structures that cannot be exact (cache layers holding more than keys and values,
+an unreachable decoder, lengths beyond a window) are refused before any work with
+an ``UnsupportedArchitectureError``. Works on transformers 4.57+ and 5.x, where the
+cache keyword is ``past_key_values`` or ``cache`` (detected from the forward signature).
 """
 
 import contextlib
 import importlib.util
 import inspect
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +37,39 @@ from sami_fast.sequence_logprobs import sequence_logprobs
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# config.model_type of the transformers causal LMs whose shared-prefix scores and gradients are
+# tested against the fp64 full-sequence oracle (tests/test_architectures.py); they skip the self-check.
+VERIFIED_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2",
+    "gemma3_text", "gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "falcon", "bloom", "mpt", "olmo", "olmo2",
+    "olmoe", "stablelm", "cohere", "granite", "granitemoe", "hyperclovax", "smollm3", "starcoder2", "deepseek_v3",
+    "minicpm3", "glm4", "exaone4", "helium", "nemotron", "ernie4_5", "llama4_text", "gemma3n_text",
+})
+
+# Verified on transformers 5.x only: under 4.57.1 the fp64 oracle cannot run them (float64 masks, MoE dtypes), so
+# there they are self-checked like any other.
+_SELF_CHECKED_ON_TRANSFORMERS_4 = frozenset({"mpt", "deepseek_v3"})
+
+# How heads rescale their logits, by config attribute: Granite divides by logits_scaling, Cohere multiplies
+# by logit_scale; a model type listed below uses a name the other way round.
+_LOGIT_RESCALING = {"logits_scaling": "divide", "logit_scale": "multiply"}
+_LOGIT_RESCALING_BY_TYPE = {"hyperclovax": {"logits_scaling": "multiply"}}
+
+# Multiple of the dtype's rounding unit (times the magnitude of the logits and the score) within which the
+# self-check accepts the shared-prefix score of a pair as equal to its full-sequence score. See self_check.
+SELF_CHECK_ULPS = 64
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture cannot be scored exactly by shared-prefix scoring (the message says why)."""
+
 
 @dataclass
 class CausalLMParts:
     """What scoring needs from a causal LM: the decoder stack and the LM head."""
 
     config: object
+    architecture: str  # "LlamaForCausalLM (model_type 'llama')": names the model in errors
     decoder: torch.nn.Module  # returns last_hidden_state (final norm applied)
     head_weight: torch.Tensor  # (V, D)
     head_bias: torch.Tensor | None
@@ -41,6 +79,7 @@ class CausalLMParts:
     max_positions: int | None
     cache_keyword: str  # "cache" (transformers >= 5) or "past_key_values"
     takes_cache_position: bool  # transformers 4.x wants explicit cache_position
+    verified: bool  # a model type of VERIFIED_MODEL_TYPES in transformers' own class: no self-check
 
 
 def cache_keyword(decoder: torch.nn.Module) -> str:
@@ -50,15 +89,56 @@ def cache_keyword(decoder: torch.nn.Module) -> str:
 
 def _head_temperature(config) -> float:
     """The factor the causal-LM head divides its logits by; scoring without it would be silently wrong."""
+    rescaling = {**_LOGIT_RESCALING, **_LOGIT_RESCALING_BY_TYPE.get(getattr(config, "model_type", None), {})}
     temperature = 1.0
-    if getattr(config, "logits_scaling", None) is not None:  # Granite: logits / logits_scaling
-        temperature *= float(config.logits_scaling)
-    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
-        temperature /= float(config.logit_scale)
+    for name, how in rescaling.items():
+        value = getattr(config, name, None)
+        if value is not None:
+            temperature = temperature * float(value) if how == "divide" else temperature / float(value)
     return temperature
 
 
+def _decoder_of(model, architecture: str) -> torch.nn.Module:
+    """The decoder stack: ``model.base_model``, or ``model.model`` where base_model is the model itself (Llama 4)."""
+    for decoder in (model.base_model, getattr(model, "model", None)):
+        if isinstance(decoder, torch.nn.Module) and decoder is not model:
+            return decoder
+    raise UnsupportedArchitectureError(
+        f"{architecture}: its decoder stack cannot be reached (model.base_model is the causal LM itself and there "
+        "is no model.model); shared-prefix scoring runs the decoder without the head"
+    )
+
+
+def _kv_layer_classes():
+    """(cache layer classes that hold exactly per-token keys and values, the class of layers that hold nothing)."""
+    from transformers import cache_utils
+
+    return (cache_utils.DynamicLayer, cache_utils.DynamicSlidingWindowLayer), getattr(cache_utils, "DummyLayer", None)
+
+
+def _check_cache_layers(config, architecture: str) -> None:
+    """Refuse a model whose cache layers carry state besides keys and values: only those are shared."""
+    kv_classes, empty_class = _kv_layer_classes()
+    for index, layer in enumerate(_new_cache(config).layers):
+        if type(layer) not in kv_classes and type(layer) is not empty_class:
+            raise UnsupportedArchitectureError(
+                f"{architecture}: cache layer {index} is a {type(layer).__name__}, which holds state other than "
+                "per-token keys and values (a recurrent, convolution or indexer state, as in Mamba, linear-attention "
+                "or hybrid layers); shared-prefix scoring can share only keys and values"
+            )
+
+
+def _verified(model, model_type) -> bool:
+    """A model type of the verified list, in transformers' own class (a subclass may change anything)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5 and model_type in _SELF_CHECKED_ON_TRANSFORMERS_4:
+        return False
+    return model_type in VERIFIED_MODEL_TYPES and type(model).__module__.startswith("transformers.")
+
+
 def causal_lm_parts(model) -> CausalLMParts:
+    """The decoder, head and limits of a causal LM; refuses structures that cannot be scored exactly."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
         raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
     head = model.get_output_embeddings()
@@ -68,12 +148,18 @@ def causal_lm_parts(model) -> CausalLMParts:
             "scoring needs a causal LM with an LM head, e.g. AutoModelForCausalLM"
         )
     config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    model_type = getattr(config, "model_type", None)
+    architecture = f"{type(model).__name__} (model_type {model_type!r})"
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError("model must be a decoder-only causal LM, got an encoder-decoder")
-    decoder = model.base_model
+        raise UnsupportedArchitectureError(
+            f"{architecture}: model must be a decoder-only causal LM, got an encoder-decoder"
+        )
+    decoder = _decoder_of(model, architecture)
+    _check_cache_layers(config, architecture)
     parameters = inspect.signature(decoder.forward).parameters
     return CausalLMParts(
         config=config,
+        architecture=architecture,
         decoder=decoder,
         head_weight=head.weight,
         head_bias=getattr(head, "bias", None),
@@ -83,41 +169,62 @@ def causal_lm_parts(model) -> CausalLMParts:
         max_positions=getattr(config, "max_position_embeddings", None),
         cache_keyword=cache_keyword(decoder),
         takes_cache_position="cache_position" in parameters,
+        verified=_verified(model, model_type),
     )
 
 
-def check_sliding_window(parts: CausalLMParts, total_length: int) -> None:
-    """Sliding-window layers would keep only part of a long prompt's cache: refuse instead of scoring wrongly."""
-    window = getattr(parts.config, "sliding_window", None)
-    layer_types = getattr(parts.config, "layer_types", None) or ()
-    sliding = "sliding_attention" in layer_types or (
-        window is not None and getattr(parts.config, "use_sliding_window", True)
-    )
-    if sliding and window is not None and total_length > window:
-        raise ValueError(
-            f"prompt + response length {total_length} exceeds the model's sliding window {window}; "
-            "shared-prefix scoring supports sliding-window attention only within the window"
-        )
+def _length_limits(config) -> list:
+    """(longest exact length, what limits it) for the config's windows; an empty list when there are none."""
+    limits = []
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    if window is not None and ("sliding_attention" in layer_types or getattr(config, "use_sliding_window", True)):
+        limits.append((window, f"the model's sliding window {window}"))
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk is not None and ("chunked_attention" in layer_types or not layer_types):
+        # Chunks start at absolute cache indices; within one chunk the attention is plain causal.
+        limits.append((chunk, f"the model's attention chunk size {chunk}"))
+    no_rope_layers = getattr(config, "no_rope_layers", None) or ()
+    if getattr(config, "attn_temperature_tuning", False) and 0 in no_rope_layers:
+        # Llama 4's NoPE layers scale queries by 1 + log(floor((cache index + 1) / floor_scale) + 1) * attn_scale,
+        # which is 1 below index floor_scale - 1.
+        floor_scale = int(config.floor_scale)
+        limits.append((floor_scale - 1, f"floor_scale - 1 = {floor_scale - 1} (the attention temperature tuning of "
+                                        "its NoPE layers depends on the absolute cache index beyond it)"))
+    return limits
+
+
+def check_lengths(parts: CausalLMParts, total_length: int) -> None:
+    """Windows and chunks beyond which prompts of different lengths would be scored wrongly: refuse instead."""
+    for limit, what in _length_limits(parts.config):
+        if total_length > limit:
+            raise UnsupportedArchitectureError(
+                f"{parts.architecture}: prompt + response length {total_length} exceeds {what}; shared-prefix "
+                "scoring is exact only within it (sliding window, chunked or position-tuned attention)"
+            )
 
 
 @dataclass
 class PromptStates:
-    """The prompts' per-layer keys/values, right-padded to ``width``, and their last hidden states."""
+    """The prompts' per-layer keys/values, left-padded to ``width``, and their last hidden states."""
 
-    keys: list  # per layer (P, H_kv, width, d)
+    keys: list  # per layer (P, H_kv, width, d); None for a layer without a cache (no attention, shared KV)
     values: list
     last_hidden: torch.Tensor  # (P, D): hidden state at each prompt's last token
     lengths: torch.Tensor  # (P,) int64
     padding_mask: torch.Tensor  # (P, width) bool, True on real tokens
 
 
-def _right_pad(sequences, pad_id: int, device, width: int = 0):
-    """(tokens, mask, lengths): ``sequences`` right-padded to the longest, and to at least ``width``."""
+def _pad(sequences, pad_id: int, device, left: bool = False, width: int = 0):
+    """(tokens (n, width), mask (n, width) True on real tokens, lengths (n,)), padded on the right or the left
+    to the longest sequence, and to at least ``width``."""
     lengths = torch.tensor([len(s) for s in sequences], device=device)
+    if left:
+        sequences = [s.flip(0) for s in sequences]
     tokens = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=pad_id).to(device)
     tokens = torch.nn.functional.pad(tokens, (0, max(0, width - tokens.shape[1])), value=pad_id)
     mask = torch.arange(tokens.shape[1], device=device) < lengths[:, None]
-    return tokens, mask, lengths
+    return (tokens.flip(1), mask.flip(1), lengths) if left else (tokens, mask, lengths)
 
 
 def _new_cache(config):
@@ -136,22 +243,39 @@ def _decoder_forward(parts: CausalLMParts, tokens, attention_mask, position_ids,
     return out.last_hidden_state
 
 
+def _cached_keys_values(parts: CausalLMParts, cache, batch: int, width: int) -> tuple:
+    """Per layer (keys, values) of the prompt pass, (None, None) for layers without a cache; refuses a model
+    that did not fill the cache it was given with one (batch, heads, width, head_dim) entry per layer."""
+    kv_classes, _ = _kv_layer_classes()
+    keys, values = [], []
+    for index, layer in enumerate(cache.layers):
+        if type(layer) not in kv_classes:
+            keys.append(None)
+            values.append(None)
+            continue
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[0] == batch and t.shape[2] == width
+                   for t in (k, v)):
+            raise UnsupportedArchitectureError(
+                f"{parts.architecture}: after the prompt pass, cache layer {index} does not hold the prompts' keys "
+                f"and values (batch {batch}, length {width}); the model keeps its attention state elsewhere"
+            )
+        keys.append(k)
+        values.append(v)
+    return keys, values
+
+
 def run_prompts(parts: CausalLMParts, prompts, pad_id: int) -> PromptStates:
-    """All prompts in one right-padded forward; returns what the responses need from them."""
+    """All prompts in one left-padded forward; returns what the responses need from them."""
     device = parts.head_weight.device
-    tokens, mask, lengths = _right_pad(prompts, pad_id, device)
-    positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
+    tokens, mask, lengths = _pad(prompts, pad_id, device, left=True)
+    width = tokens.shape[1]
+    # True positions; the left padding (masked out) takes position 0.
+    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
     cache = _new_cache(parts.config)
     hidden = _decoder_forward(parts, tokens, mask, positions, cache, 0)
-    last_hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]
-    layers = cache.layers
-    return PromptStates(
-        keys=[layer.keys for layer in layers],
-        values=[layer.values for layer in layers],
-        last_hidden=last_hidden,
-        lengths=lengths,
-        padding_mask=mask,
-    )
+    keys, values = _cached_keys_values(parts, cache, len(prompts), width)
+    return PromptStates(keys=keys, values=values, last_hidden=hidden[:, -1], lengths=lengths, padding_mask=mask)
 
 
 def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int, reduction="mean",
@@ -161,9 +285,10 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
     Response i is fed without its last token (which predicts nothing); its first
     token is predicted by the prompt's last hidden state, so each pair is the
     packed row sequence ``[last_hidden[prompt], h_0 .. h_{L-2}]`` with targets
-    ``y_0 .. y_{L-1}``. When every response has one token nothing is fed, unless
-    ``always_run_decoder`` (FSDP2 ranks must run the same layer calls): then a
-    masked padding token is, and its (unused) rows get zero gradient.
+    ``y_0 .. y_{L-1}``. The result is not checked for finiteness (callers name the pair).
+    When every response has one token nothing is fed, unless ``always_run_decoder``
+    (FSDP2 ranks must run the same layer calls): then a masked padding token is, and
+    its (unused) rows get zero gradient.
     """
     device = parts.head_weight.device
     n = len(responses)
@@ -171,11 +296,12 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
     rows = states.last_hidden
     feed_width = max(max(len(r) for r in responses) - 1, 1 if always_run_decoder else 0)
     if feed_width > 0:
-        tokens, mask, _ = _right_pad([r[:-1] for r in responses], pad_id, device, width=feed_width)
+        tokens, mask, _ = _pad([r[:-1] for r in responses], pad_id, device, width=feed_width)
         past_length = states.padding_mask.shape[1]
         cache = _new_cache(parts.config)
         for layer, (k, v) in enumerate(zip(states.keys, states.values)):
-            cache.update(k.index_select(0, pair_prompt), v.index_select(0, pair_prompt), layer)
+            if k is not None:
+                cache.update(k.index_select(0, pair_prompt), v.index_select(0, pair_prompt), layer)
         attention_mask = torch.cat([states.padding_mask.index_select(0, pair_prompt), mask], dim=1)
         positions = states.lengths.index_select(0, pair_prompt)[:, None] + torch.arange(feed_width, device=device)
         hidden = _decoder_forward(parts, tokens, attention_mask, positions, cache, past_length)
@@ -196,7 +322,127 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
         bias=parts.head_bias,
         softcap=parts.softcap,
         temperature=parts.temperature,
+        check_finite=False,
     )
+
+
+# Per model: "self-checked" or "trusted", or the UnsupportedArchitectureError its self-check raised.
+_CHECKED = weakref.WeakKeyDictionary()
+
+
+def trust_architecture(model) -> None:
+    """Skip the first-use self-check for ``model``: the caller vouches that shared-prefix scoring is exact for it.
+
+    For an architecture outside ``VERIFIED_MODEL_TYPES`` whose exactness was established otherwise (e.g. an fp32
+    copy of a bf16 model passed the self-check: see ``self_check``). Structural refusals still apply.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _CHECKED[model] = "trusted"
+
+
+def architecture_status(model) -> str:
+    """Whether ``model`` can be scored: "verified" (model type tested in the suite), "self-checked" (passed the
+    self-check on its own batch), "trusted" (``trust_architecture``) or "unchecked" (the self-check runs on first
+    use). Raises ``UnsupportedArchitectureError`` for a refused structure or a failed self-check."""
+    parts = causal_lm_parts(model)
+    state = _CHECKED.get(model)
+    if isinstance(state, UnsupportedArchitectureError):
+        raise state
+    return state or ("verified" if parts.verified else "unchecked")
+
+
+def _full_sequence_scores(model, prompts, responses) -> tuple:
+    """(mean log-prob of each response after its prompt through ``model(...).logits``, the largest |logit| used)."""
+    takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    scores, largest = [], 0.0
+    for prompt, response in zip(prompts, responses):
+        sequence = torch.cat([prompt, response])[None]
+        extra = {"logits_to_keep": len(response) + 1} if takes_logits_to_keep else {}
+        logits = model(input_ids=sequence, **extra).logits[0, -len(response) - 1 : -1]
+        logprobs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+        scores.append(logprobs.gather(1, response[:, None]).mean())
+        largest = max(largest, float(logits.detach().abs().max()))
+    return torch.stack(scores), largest
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Every module in eval mode for the duration (no dropout, no router noise); each module's mode restored."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> None:
+    """Score ``responses[i]`` after ``prompts[i]`` (i = 0, 1) both ways; refuse the model if they disagree.
+
+    The two prompts run left-padded in one batch (so the shorter one is offset in
+    the cache, as in a real batch) and both pairs run in one response pass; the
+    reference is each concatenated sequence through ``model(...).logits``. In
+    eval mode, without gradients, with the RNG state restored afterwards.
+
+    Rule: |shared - full| <= SELF_CHECK_ULPS * eps(dtype) * (max |logit| + |score|).
+    A score is a mean of ``z_y - logsumexp(z)``; rounding in the model's dtype
+    moves each logit z by a few eps * |z| and the log-sum-exp by eps * |score|,
+    so two correct computations that differ only in rounding (batching, padding,
+    the fused head) agree within a small multiple of eps * (max |z| + |score|):
+    measured at most 1.1 on the tiny random models of tests/test_architectures.py
+    and 2.4 on SmolLM2-135M (30 layers) in fp32; 64 leaves room for deeper models.
+    What the check is for moves scores by far more: a key position off by the
+    padding, a missing logit multiplier, state lost between prompt and response
+    (1e-4 to 1e-1 on tiny models, where 64 eps * scale is about 6e-5). In
+    bf16/fp16 eps is 2^-8 / 2^-11 and the bound is that much looser (SmolLM2 in
+    bf16: 3e-2 measured against 20 allowed), so there the check catches only
+    gross errors: for a sharp check, score one batch with an fp32 copy (which
+    self-checks it) and ``trust_architecture`` the half-precision model. An error raised while checking
+    (the model cannot run what scoring needs) is a refusal too.
+    """
+    dtype = parts.head_weight.dtype
+    device = parts.head_weight.device
+    try:
+        with torch.no_grad(), _eval_mode(model), layer_checkpointing_off(model), torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []
+        ):
+            states = run_prompts(parts, prompts, pad_id)
+            shared = score_responses(parts, states, torch.arange(2, device=device), responses, pad_id)
+            full, largest = _full_sequence_scores(model, prompts, responses)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # the model cannot run what scoring needs: refused (not cached, it may be the input)
+        raise UnsupportedArchitectureError(
+            f"{parts.architecture} is not in the verified list and its self-check failed with "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    allowed = SELF_CHECK_ULPS * torch.finfo(dtype).eps * (largest + full.abs().max().item())
+    difference = (shared.double() - full.double()).abs().max().item()
+    if not difference <= allowed:  # NaN fails too
+        _CHECKED[model] = UnsupportedArchitectureError(
+            f"{parts.architecture} is not in the verified list and failed the self-check: on two pairs of this "
+            f"batch, shared-prefix scores differ from full-sequence scores by {difference:.3e} (allowed {allowed:.1e}, "
+            f"{SELF_CHECK_ULPS} x the {dtype} rounding level); its attention or head depends on something shared "
+            "prompts cannot reproduce (absolute key positions, a non-causal layer, a logit rescaling under another "
+            "name, state outside the KV cache). Pass self_check=False or call "
+            "sami_fast.hf.trust_architecture(model) only if you know better"
+        )
+        raise _CHECKED[model]
+    _CHECKED[model] = "self-checked"
+
+
+def ensure_checked(model, parts: CausalLMParts, sample, pad_id: int, enabled: bool) -> None:
+    """Unless ``enabled`` is False: raise for a model that failed its self-check, and self-check an
+    unverified model on first use (``sample()`` gives its two prompts and two responses)."""
+    if not enabled or parts.verified:
+        return
+    state = _CHECKED.get(model)
+    if isinstance(state, UnsupportedArchitectureError):
+        raise state
+    if state is None:
+        self_check(model, parts, *sample(), pad_id)
 
 
 def layer_checkpointing_active(model) -> bool:

@@ -22,7 +22,7 @@ def load_causal_lm(spec: str | None, dtype: torch.dtype = torch.float32):
 
     if spec is None:
         model, tokenizer = load_smollm2(dtype)
-        return model.eval(), tokenizer
+        return _dequantized(model).eval(), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(spec)
@@ -43,4 +43,14 @@ def load_causal_lm(spec: str | None, dtype: torch.dtype = torch.float32):
         raise FileNotFoundError(
             f"model: {spec!r} is neither a model directory, a .gguf file nor a hub name in the local cache"
         ) from error
-    return model.eval(), tokenizer
+    return (_dequantized(model) if "gguf_file" in kwargs else model).eval(), tokenizer
+
+
+def _dequantized(model):
+    """A model loaded from GGUF holds plain ``dtype`` weights (transformers de-quantizes them on load) but keeps
+    a GGUF quantizer marker that makes ``save_pretrained`` refuse; drop it so trained policies can be saved."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model

@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sami_fast.hf import (
     causal_lm_parts,
-    check_sliding_window,
+    check_lengths,
+    ensure_checked,
     layer_checkpointing_active,
     layer_checkpointing_off,
     run_prompts,
@@ -82,7 +83,7 @@ def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
                 f"prompts[{b}] + responses[{b}]: prompt length {prompt_max[b]} + response length "
                 f"{response_max[b]} = {total} exceeds the model's max positions {parts.max_positions}"
             )
-    check_sliding_window(parts, max(prompt_max) + max(response_max))
+    check_lengths(parts, max(prompt_max) + max(response_max))
     if pad_token_id is None:
         # Padding is always masked out, so any valid id serves; configs carry None or -1 too.
         pad_id = getattr(parts.config, "pad_token_id", None)
@@ -101,6 +102,39 @@ def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
         pair_response=(b * R + j).reshape(-1).tolist(),
         pad_id=pad_id,
     )
+
+
+def _self_check_sample(pairs: _Pairs) -> tuple:
+    """Two prompts and two responses of one query for the self-check: ([short prompt, longest prompt],
+    [longest response, shortest response]) of the query holding the longest prompt. With prompts all of one
+    length, the short one is the first half of the longest, so that the check always sees a padding offset."""
+    B, C, R = pairs.shape
+    b = max(range(B * C), key=lambda i: len(pairs.prompts[i])) // C
+    prompts = sorted(pairs.prompts[b * C : (b + 1) * C], key=len)
+    responses = sorted(pairs.responses[b * R : (b + 1) * R], key=len)
+    longest, short = prompts[-1], prompts[0]
+    if len(short) == len(longest):
+        short = longest[: max(1, len(longest) // 2)]
+    return [short, longest], [responses[-1], responses[0]]
+
+
+def _check_finite(model, pairs: _Pairs, scores: torch.Tensor, start: int) -> None:
+    """Raise if a score of pairs [start, start + len(scores)) is NaN or inf, naming its query, prompt and
+    response and whether a weight or the hidden states are to blame (one host sync; the search only on failure)."""
+    finite = torch.isfinite(scores.detach())
+    if bool(finite.all()):
+        return
+    index = start + int((~finite).nonzero()[0, 0])
+    _, C, R = pairs.shape
+    b, k, j = index // (C * R), index // R % C, index % R
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    bad = next((name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    cause = (
+        f"the model's weights are non-finite ({bad} holds NaN or inf)" if bad is not None
+        else "the model's hidden states are non-finite for it (all weights are finite: an overflow, e.g. in fp16)"
+    )
+    value = float(scores.detach()[index - start])
+    raise FloatingPointError(f"score [{b}, {k}, {j}] (responses[{b}][{j}] given prompts[{b}][{k}]) is {value}: {cause}")
 
 
 def _chunks(n_pairs: int, micro_batch_size):
@@ -126,7 +160,8 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, SCORE_REDUCTIONS))}, got {reduction!r}")
 
 
-def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None, reduction="mean") -> torch.Tensor:
+def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None, reduction="mean",
+                   self_check=True) -> torch.Tensor:
     """(B, C, R) SAMI scores: ``[b, k, j]`` = mean log-prob of ``responses[b][j]`` given ``prompts[b][k]``.
 
     ``prompts``: B lists of C 1-D LongTensors (principle + query ids, BOS
@@ -140,12 +175,19 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     summed instead of mean response-token log-probs. ``model`` may also be a
     ``PairScorer`` (e.g. the FSDP2 root): each chunk then runs through it and
     re-runs the prompts it needs.
+
+    Architectures: a model type outside ``sami_fast.hf.VERIFIED_MODEL_TYPES`` is
+    self-checked on two pairs of its first batch (``sami_fast.hf.self_check``);
+    ``self_check=False`` skips that. A structure that cannot be scored exactly, or
+    a failed self-check, raises ``sami_fast.hf.UnsupportedArchitectureError``. A
+    NaN/inf score raises ``FloatingPointError`` naming its (query, prompt, response).
     """
     _check_reduction(reduction)
     given = model
     scorer, model = _scorer_and_model(model)
     parts = causal_lm_parts(model)
     pairs = _pairs(parts, prompts, responses, pad_token_id)
+    _ensure_checked(scorer, model, parts, pairs, self_check)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
     if scorer is given:  # a scorer passed in: each chunk through it (its wrapper's hooks run)
         return torch.cat([scorer(pairs, s, e, reduction) for s, e in chunks]).reshape(pairs.shape)
@@ -165,6 +207,8 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
         )
         for s, e in chunks
     ]
+    for (start, _), chunk in zip(chunks, scores):
+        _check_finite(model, pairs, chunk, start)
     return torch.cat(scores).reshape(pairs.shape)
 
 
@@ -243,6 +287,15 @@ def _refuse_sharded(model) -> None:
                              "root (sami_fast.distributed.shard) so that FSDP's hooks unshard them")
 
 
+def _ensure_checked(scorer, model, parts, pairs: _Pairs, enabled: bool) -> None:
+    """``ensure_checked`` for ``model``; under FSDP2 through the root (the self-check runs the model)."""
+    if not _is_fsdp_module(scorer):
+        ensure_checked(model, parts, lambda: _self_check_sample(pairs), pairs.pad_id, enabled)
+        return
+    scorer.run(lambda model: ensure_checked(model, causal_lm_parts(model), lambda: _self_check_sample(pairs),
+                                            pairs.pad_id, enabled))
+
+
 def _gradient_sync(scorer, sync: bool):
     """A context for one forward and backward: gradients are reduced across ranks only when ``sync``."""
     if sync:
@@ -273,7 +326,7 @@ def _fsdp_no_sync(module):
 
 
 def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0,
-                  sync_gradients=True, min_chunks=None):
+                  self_check=True, sync_gradients=True, min_chunks=None):
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
 
     Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
@@ -286,6 +339,7 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
     scores, as in ``logprob_matrix``. ``loss_weight``: the gradients accumulated are
     those of ``loss_weight * loss`` (gradient accumulation over batches of
     different sizes weights each by its share); the returned loss is unweighted.
+    Architectures, ``self_check`` and non-finite scores: as in ``logprob_matrix``.
 
     ``model``: a causal LM, or a ``PairScorer`` of one (possibly in
     ``DistributedDataParallel`` or the root of ``fully_shard``): every forward then
@@ -305,6 +359,11 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
         raise TypeError(f"sync_gradients must be a bool, got {type(sync_gradients).__name__}")
     scorer, model = _scorer_and_model(model)
     parts = causal_lm_parts(model)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"sami_backward: no parameter of model ({type(model).__name__}) requires grad, so there is nothing to "
+            "train; unfreeze some (requires_grad_(True)), or use logprob_matrix under torch.no_grad() for scores"
+        )
     pairs = _pairs(parts, prompts, responses, pad_token_id=None)
     B, C, R = pairs.shape
     if C != R:
@@ -322,6 +381,7 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
         check_tensor("mask", mask, dims=(3,), dtypes=(torch.bool,))
         if tuple(mask.shape) != pairs.shape:
             raise ValueError(f"mask must have shape {pairs.shape}, got {tuple(mask.shape)}")
+    _ensure_checked(scorer, model, parts, pairs, self_check)
     device = parts.head_weight.device
     with layer_checkpointing_off(model):  # each chunk is recomputed anyway: no extra checkpointing
         replay = []
@@ -330,6 +390,7 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
             for start, stop in chunks:
                 replay.append(_rng_state(device))
                 pieces.append(scorer(pairs, start, stop, reduction))
+                _check_finite(model, pairs, pieces[-1], start)
             for _ in range(padding):
                 scorer(pairs, *chunks[-1], reduction)
         matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()

@@ -40,6 +40,8 @@ from sami_fast.models import DTYPES, load_causal_lm
 from sami_fast.trainer import MasterWeights, SAMITrainer, _check_template, _prompt_text
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+# The embedded data's first queries train (a default run fits in minutes on a CPU); the rest are held out.
+EMBEDDED_TRAINING_QUERIES = 12
 SCHEDULES = ("constant", "linear", "cosine")
 METRIC_COLUMNS = (
     "iteration", "step", "loss", "mi_lower_bound", "row_accuracy", "column_accuracy", "grad_norm", "lr",
@@ -63,13 +65,13 @@ class TrainConfig:
     queries: str | None = None
     principles: str | None = None
     train_data: str | None = None
-    max_queries: int | None = None  # the first N queries only
+    max_queries: int | None = None  # the first N queries only (embedded data: EMBEDDED_TRAINING_QUERIES)
     # constitutions and prompts
     num_constitutions: int = 4
     principles_per_constitution: int | None = 2
     template: str | None = None  # None: the tokenizer's chat template if it has one, else a plain template
     # generation
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     # Sampled by default: greedy decoding often writes the same response under different
     # constitutions, and a query whose responses repeat cannot train (it is dropped).
     do_sample: bool = True
@@ -87,7 +89,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-steps per optimiser step
     micro_batch_size: int = 16  # (prompt, response) pairs per gradient-caching chunk
     optimizer: str = "adamw"
-    lr: float = 1e-5
+    lr: float = 1e-4  # suits the default run (SmolLM2-135M, a dozen steps); larger models want 1e-6..1e-5
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -309,6 +311,10 @@ class Trainer:
         self.parallel.check_step_size(config.batch_size * config.gradient_accumulation_steps)
         self.device = self.parallel.device
         dtype = DTYPES[config.dtype]
+        if config.quiet:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # loading and GGUF-conversion bars too
         if model is None:
             model, tokenizer = load_causal_lm(config.model, dtype)
         self.model = model.to(self.device, dtype)
@@ -337,8 +343,11 @@ class Trainer:
 
     def _load_queries(self) -> list:
         queries = sami_data.load_queries(self.config.queries or sami_data.embedded_queries_path())
-        if self.config.max_queries is not None:
-            queries = queries[: self.config.max_queries]
+        limit = self.config.max_queries
+        if limit is None and self.config.queries is None:
+            limit = EMBEDDED_TRAINING_QUERIES
+        if limit is not None:
+            queries = queries[:limit]
         if not queries:
             raise ValueError(f"{self.config.queries or 'the embedded queries'}: no query to train on")
         return queries

