@@ -82,8 +82,9 @@ def _train(args, preset=None) -> int:
     started = time.perf_counter()
     trainer = Trainer(config, resume=args.resume)
     policy = trainer.train()
-    print(f"sami-fast train: {config.iterations} iteration(s) in {time.perf_counter() - started:.0f} s; "
-          f"policy in {policy}; metrics in {Path(config.out) / 'metrics.jsonl'}; plot {Path(config.out) / 'training.png'}")
+    if trainer.parallel.is_main:  # under torchrun: one summary, not one per process
+        print(f"sami-fast train: {config.iterations} iteration(s) in {time.perf_counter() - started:.0f} s; "
+              f"policy in {policy}; metrics in {Path(config.out) / 'metrics.jsonl'}; plot {Path(config.out) / 'training.png'}")
     return 0
 
 
