@@ -19,10 +19,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import sami_fast.hf
-from oracle import assert_grads_oracle_close, assert_oracle_close, oracle_excess
+from oracle import assert_grads_oracle_close, assert_oracle_close, full_sequence_matrix, oracle_excess
 from sami_fast import logprob_matrix, sami_backward, sami_loss
 from sami_fast.hf import UnsupportedArchitectureError, architecture_status, trust_architecture
-from test_hf import VOCAB, full_sequence_matrix
+from test_hf import VOCAB
 
 # Gradients: where the plain computation happens to round well, a parameter's error reaches 2.7x plain over this
 # list (4.1x with eager attention: a summed bias); a real error (a shifted position, a lost multiplier) is orders of
