@@ -202,6 +202,19 @@ def test_reference_constitution_directory_gives_positive_and_negative(tmp_path, 
     assert all(r["constitutions"] in (["Be kind.", "Be rude."], ["Be brief.", "Ramble."]) for r in records)
 
 
+@pytest.mark.parametrize("score_eos", [False, True])
+def test_a_finished_response_is_scored_with_its_eos_only_when_asked(tmp_path, tokenizer, score_eos):
+    from sami_fast.training import Example
+
+    trainer = _trainer(tmp_path, tokenizer, score_eos=score_eos)
+    example = Example(example_id="0", query="q", constitutions=["a", "b"], prompts=[], responses=[" done", " cut"],
+                      finished=[True, False])
+    finished, cut = trainer._response_ids(example)
+    text_ids = tokenizer(" done", add_special_tokens=False).input_ids
+    assert finished.tolist() == text_ids + ([tokenizer.eos_token_id] if score_eos else [])
+    assert cut.tolist() == tokenizer(" cut", add_special_tokens=False).input_ids
+
+
 def test_each_iteration_restarts_from_the_base_model_and_generates_with_the_last_policy(tmp_path, tokenizer):
     seen = []
 
