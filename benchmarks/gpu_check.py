@@ -1,8 +1,8 @@
 """One prepared GPU run: correctness at real shapes, then the timing/memory table.
 
-Usage (on a CUDA machine, from the repository root; installs nothing). Through this
-workplace's device tool only $OUT comes back, so write there and copy the CSV into
-benchmarks/results/ afterwards (give the run a timeout of ~540 s):
+Usage (on a CUDA machine, from the repository root; installs nothing). Write the CSV
+to a folder that outlives the run ($OUT below) and copy it into benchmarks/results/
+afterwards; the run ends itself before 8 minutes (see below):
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT/h200.csv
 
@@ -17,7 +17,7 @@ package index, run ``bash benchmarks/fetch_peers.sh`` where pip can download and
    ``sami_loss`` likewise (fp32 and bf16, with a mask).
 2. Timing: every topic's ``cases("cuda", size)`` from ``sami_fast/bench`` through
    ``sami_fast.bench.measure``; rows are appended to --out case by case, then the
-   table and the issue's bars (time and memory against the best peer, fraction of
+   table and the GPU targets (time and memory against the best peer, fraction of
    the bf16 peak) are printed.
 
 Every check and case runs on its own: a failure is printed and the rest go on.
@@ -228,7 +228,7 @@ def run_bench(args, deadline):
         except Exception:
             traceback.print_exc()
             continue
-        # A model-level step takes seconds: fewer timed runs keep the lease's budget.
+        # A model-level step takes seconds: fewer timed runs keep the run within --budget-s.
         repeats = min(args.repeats, 3) if topic == "sami_step" else args.repeats
         for case in cases:
             if time.monotonic() > deadline:
@@ -236,7 +236,7 @@ def run_bench(args, deadline):
                 continue
             new = bench.run_cases([case], "cuda", repeats)
             rows += new
-            # Appended case by case: a run stopped at the lease's limit still leaves its rows.
+            # Rows are appended case by case, so an interrupted run keeps what it measured.
             try:
                 bench.append_results(args.out, new, "cuda")
             except Exception:
@@ -245,7 +245,7 @@ def run_bench(args, deadline):
 
 
 def print_bars(rows, peak_tflops):
-    """The issue's GPU bars per shape: time <= best peer, memory <= best peer + 10%, fraction of peak."""
+    """The GPU targets per shape: time <= best peer, memory <= best peer + 10%, fraction of peak."""
     peers = ("naive", "cut_cross_entropy", "cut_cross_entropy_exact", "liger")
     by_shape = {}
     for r in rows:

@@ -76,6 +76,7 @@ class CausalLMParts:
     softcap: float | None
     temperature: float  # logits are divided by it (Granite's logits_scaling, 1 / Cohere's logit_scale)
     vocab_size: int  # ids valid both as input tokens and as head targets
+    embedding_padding_idx: int | None  # the input embedding's padding_idx (a zero row), if any
     max_positions: int | None
     cache_keyword: str  # "cache" (transformers >= 5) or "past_key_values"
     takes_cache_position: bool  # transformers 4.x wants explicit cache_position
@@ -156,6 +157,7 @@ def causal_lm_parts(model) -> CausalLMParts:
         )
     decoder = _decoder_of(model, architecture)
     _check_cache_layers(config, architecture)
+    embedding = model.get_input_embeddings()
     parameters = inspect.signature(decoder.forward).parameters
     return CausalLMParts(
         config=config,
@@ -165,7 +167,8 @@ def causal_lm_parts(model) -> CausalLMParts:
         head_bias=getattr(head, "bias", None),
         softcap=getattr(config, "final_logit_softcapping", None),
         temperature=_head_temperature(config),
-        vocab_size=min(model.get_input_embeddings().num_embeddings, head.weight.shape[0]),
+        vocab_size=min(embedding.num_embeddings, head.weight.shape[0]),
+        embedding_padding_idx=getattr(embedding, "padding_idx", None),
         max_positions=getattr(config, "max_position_embeddings", None),
         cache_keyword=cache_keyword(decoder),
         takes_cache_position="cache_position" in parameters,

@@ -85,9 +85,9 @@ def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
             )
     check_lengths(parts, max(prompt_max) + max(response_max))
     if pad_token_id is None:
-        # Padding is always masked out, so any valid id serves; configs carry None or -1 too.
-        pad_id = getattr(parts.config, "pad_token_id", None)
-        pad_id = pad_id if isinstance(pad_id, int) and 0 <= pad_id < parts.vocab_size else 0
+        # Padding is always masked out, so any valid id serves but the embedding's padding_idx: its zero
+        # embedding gives NaN gradients in models that normalise embeddings (Gemma 3n's sqrt(mean(x^2))).
+        pad_id = 1 if parts.embedding_padding_idx == 0 else 0
     elif isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < parts.vocab_size:
         raise ValueError(f"pad_token_id must be an id in [0, {parts.vocab_size}), got {pad_token_id!r}")
     else:
@@ -172,9 +172,11 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     forward, or ``micro_batch_size`` pairs at a time, on copies of their prompt's
     cache. With gradient checkpointing enabled (training mode) the prompt pass and
     each response chunk are checkpointed as a whole. ``reduction="sum"`` gives
-    summed instead of mean response-token log-probs. ``model`` may also be a
-    ``PairScorer`` (e.g. the FSDP2 root): each chunk then runs through it and
-    re-runs the prompts it needs.
+    summed instead of mean response-token log-probs. ``pad_token_id``: the id fed
+    at padded positions (masked out); the default is an id other than the input
+    embedding's padding_idx, whose zero row can give NaN gradients. ``model`` may
+    also be a ``PairScorer`` (e.g. the FSDP2 root): each chunk then runs through it
+    and re-runs the prompts it needs.
 
     Architectures: a model type outside ``sami_fast.hf.VERIFIED_MODEL_TYPES`` is
     self-checked on two pairs of its first batch (``sami_fast.hf.self_check``);

@@ -2,6 +2,10 @@
 
 TRITON_INTERPRET must be set before any module decorated with @triton.jit is
 imported, because @triton.jit chooses the interpreter at decoration time.
+
+SAMI_FAST_TEST_THREADS=N runs the suite with ``torch.set_num_threads(N)`` (the
+default is torch's own choice): the bounds must hold whatever the thread count,
+which changes the order of fp32 reductions.
 """
 
 import contextlib
@@ -12,6 +16,16 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+_THREADS = os.environ.get("SAMI_FAST_TEST_THREADS")
+if _THREADS is not None:
+    if not _THREADS.isdigit() or int(_THREADS) < 1:
+        raise ValueError(f"SAMI_FAST_TEST_THREADS must be a positive integer, got {_THREADS!r}")
+    torch.set_num_threads(int(_THREADS))
+
+
+def pytest_report_header(config):
+    return f"torch threads: {torch.get_num_threads()} (SAMI_FAST_TEST_THREADS={_THREADS or 'unset'})"
 
 
 @pytest.fixture(params=["torch", "triton"])

@@ -25,12 +25,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distributed_job import GRADIENT_CHUNK, GRADIENT_PROBLEM, gradient_model
-from oracle import assert_grads_oracle_close, assert_oracle_close
+from oracle import assert_grads_oracle_close, assert_oracle_close, grads_after, parameter_grads
 from sami_fast import logprob_matrix, sami_backward, sami_loss
 from sami_fast.distributed import resolve_mode
 from sami_fast.hf import causal_lm_parts, run_prompts, score_responses
 from sami_fast.training import TrainConfig, Trainer
-from test_hf import grads_after, parameter_grads, random_problem, tiny_llama
+from test_hf import random_problem, tiny_llama
 from test_training import _config
 from tiny_lm import bpe_tokenizer, tiny_causal_lm
 

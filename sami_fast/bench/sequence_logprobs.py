@@ -22,8 +22,8 @@ gives), so none can fold the backward into the forward as a scalar.
 Shapes: CPU "full" is SmolLM2-135M's head (D=576, V=49152) over 4096 rows,
 "small" the same head over 1024 rows; CUDA is bf16 D=4096, V=128256 (Llama 3)
 over 4096 and 16384 rows. ``scored`` is the fraction of rows with a label (SAMI
-prompts are ~80% of the tokens); ``flops`` counts the useful work as the issue
-states it, 8 * scored rows * D * V (2 forward, 6 backward: the recomputed logits,
+prompts are ~80% of the tokens); ``flops`` counts the useful work,
+8 * scored rows * D * V (2 forward, 6 backward: the recomputed logits,
 d_hidden and d_weight), so TFLOP/s compare across providers.
 """
 
