@@ -90,7 +90,8 @@ def gradient_norm(gradients) -> float:
 
 def shard(model, mesh) -> PairScorer:
     """FSDP2 for ``model``: each decoder layer (the classes of ``model._no_split_modules``) its own ``fully_shard``
-    unit, the ``PairScorer`` root holding the rest (embeddings, final norm, LM head).
+    unit, the ``PairScorer`` root holding the rest (embeddings, final norm, LM head; everything when the model
+    names no such class).
 
     The root reshards after every forward, so a forward without a backward (the
     no-grad pass of gradient caching, generation) leaves no unsharded parameter

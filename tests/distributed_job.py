@@ -16,6 +16,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 
+from sami_fast import logprob_matrix  # noqa: E402
 from sami_fast.distributed import Parallel  # noqa: E402
 from sami_fast.trainer import SAMITrainer  # noqa: E402
 from sami_fast.training import TrainConfig, Trainer  # noqa: E402
@@ -71,8 +72,18 @@ def gradients(mode: str, path: str) -> None:
 
     grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
              for name, p in model.named_parameters()}
+    result = {"grads": grads, "bucket_reductions": len(reductions)}
+    if mode == "fsdp":
+        # The whole matrix through the sharded root (every rank the same problem), and the sharded
+        # model itself refused: outside the root's forward its head weight is a shard.
+        with torch.no_grad():
+            result["matrix"] = logprob_matrix(scorer, prompts, responses, micro_batch_size=GRADIENT_CHUNK)
+        try:
+            logprob_matrix(model, prompts, responses)
+        except ValueError as error:
+            result["refused"] = str(error)
     if parallel.is_main:
-        torch.save({"grads": grads, "bucket_reductions": len(reductions)}, path)
+        torch.save(result, path)
 
 
 def run(spec: dict) -> None:

@@ -131,6 +131,11 @@ def test_ddp_and_fsdp_gradients_equal_the_one_process_gradient(runs):
     for mode, path in runs["spec"]["gradients"].items():
         saved = torch.load(path, weights_only=True)
         assert_grads_oracle_close(saved["grads"], plain, truth, what=f"{mode} ")
+    fsdp = torch.load(runs["spec"]["gradients"]["fsdp"], weights_only=True)
+    with torch.no_grad():
+        assert_oracle_close(fsdp["matrix"], logprob_matrix(model, prompts, responses),
+                            logprob_matrix(fp64, prompts, responses), what="fsdp logprob_matrix")
+    assert "its parameters are sharded (FSDP2); pass the PairScorer" in fsdp["refused"]
     ddp = torch.load(runs["spec"]["gradients"]["ddp"], weights_only=True)
     # Two accumulated queries on rank 0, several chunks each: one reduction of the (single) bucket in all.
     assert ddp["bucket_reductions"] == 1, ddp["bucket_reductions"]
