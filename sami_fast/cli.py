@@ -1,4 +1,5 @@
-"""Command line: ``sami-fast train`` runs SAMI end to end, ``sami-fast demo`` a small run of it, ``sami-fast bench`` the benchmarks."""
+"""Command line: ``sami-fast train`` runs SAMI end to end, ``sami-fast demo`` a small run of it, ``sami-fast eval``
+evaluates its policies against the base, ``sami-fast bench`` the benchmarks."""
 
 from __future__ import annotations
 
@@ -61,22 +62,32 @@ def _field_kind(annotation: str):
 def _add_train_options(parser) -> None:
     from sami_fast.training import TrainConfig
 
+    _add_config_options(parser, TrainConfig)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+
+
+def _add_config_options(parser, config_class) -> None:
+    """--config FILE and one flag per field of ``config_class`` (TrainConfig, EvalConfig)."""
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML or JSON file of options (flags override it)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    for spec in dataclasses.fields(TrainConfig):
+    for spec in dataclasses.fields(config_class):
         flag = "--" + spec.name.replace("_", "-")
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         parser.add_argument(flag, dest=spec.name, default=argparse.SUPPRESS, metavar=None if "bool" in spec.type else
                             spec.name.upper(), help=f"(default: {default!r})", **_field_kind(spec.type))
 
 
+def _config(args, config_class, preset=None):
+    """The options of ``preset``, then the --config file, then the flags (each overriding the one before)."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    from_file = config_class.read_file(args.config) if args.config else {}
+    return config_class.from_dict({**(preset or {}), **from_file, **flags}, where=args.config or "flags")
+
+
 def _train(args, preset=None) -> int:
     from sami_fast.training import TrainConfig, Trainer
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
-    from_file = TrainConfig.read_file(args.config) if args.config else {}
-    config = TrainConfig.from_dict({**(preset or {}), **from_file, **flags}, where=args.config or "flags")
+    config = _config(args, TrainConfig, preset)
     if config.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # also the bars of libraries it calls (GGUF conversion)
     started = time.perf_counter()
@@ -85,6 +96,21 @@ def _train(args, preset=None) -> int:
     if trainer.parallel.is_main:  # under torchrun: one summary, not one per process
         print(f"sami-fast train: {config.iterations} iteration(s) in {time.perf_counter() - started:.0f} s; "
               f"policy in {policy}; metrics in {Path(config.out) / 'metrics.jsonl'}; plot {Path(config.out) / 'training.png'}")
+    return 0
+
+
+def _eval(args) -> int:
+    from sami_fast.evaluation import EvalConfig, Evaluator
+
+    config = _config(args, EvalConfig)
+    if config.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    started = time.perf_counter()
+    result = Evaluator(config).run()
+    print(result.table())
+    print(f"sami-fast eval: {len(result.rows)} model(s) in {time.perf_counter() - started:.0f} s; "
+          f"comparisons in {result.out / 'comparisons.jsonl'}; summary {result.out / 'summary.csv'}; "
+          f"plot {result.out / 'evaluation.png'}")
     return 0
 
 
@@ -105,10 +131,16 @@ def main(argv=None) -> int:
     _add_train_options(p)
     p = sub.add_parser("demo", help="a small SAMI run (train with one iteration on 4 queries, C = 2)")
     _add_train_options(p)
+    p = sub.add_parser("eval", help="held-out MI and judged win rates of trained policies against the base")
+    from sami_fast.evaluation import EvalConfig
+
+    _add_config_options(p, EvalConfig)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
     try:
+        if args.command == "eval":
+            return _eval(args)
         return _train(args, DEMO_PRESET if args.command == "demo" else None)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

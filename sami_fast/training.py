@@ -49,8 +49,66 @@ METRIC_COLUMNS = (
 )
 
 
+class ConfigFile:
+    """``from_file`` / ``from_dict`` for an options dataclass (``TrainConfig``, ``EvalConfig``)."""
+
+    @classmethod
+    def from_file(cls, path, **overrides) -> "ConfigFile":
+        """A config from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error naming them."""
+        return cls.from_dict({**cls.read_file(path), **overrides}, where=str(path))
+
+    @staticmethod
+    def read_file(path) -> dict:
+        """The option mapping a YAML or JSON config file holds."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no file at {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as error:  # the parsers' own errors say where
+            raise ValueError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {error}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: must hold a mapping of option names to values")
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "ConfigFile":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    # Checks for __post_init__; each error names the option.
+
+    def _positive_int(self, name, allow_none=False):
+        value = getattr(self, name)
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+    def _number(self, name, low, allow_none=False, inclusive=False):
+        value = getattr(self, name)
+        if value is None and allow_none:
+            return
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not ok or (value < low if inclusive else value <= low):
+            raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+
+    def _choice(self, name, choices):
+        if getattr(self, name) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigFile):
     """Everything a SAMI run needs; ``TrainConfig.from_file`` reads it from YAML or JSON.
 
     Data: ``queries`` (JSONL ``{"query": ...}`` or text, one per line) and
@@ -106,59 +164,8 @@ class TrainConfig:
     save_total_limit: int = 2  # checkpoints kept
     quiet: bool = False
 
-    @classmethod
-    def from_file(cls, path, **overrides) -> "TrainConfig":
-        """A config from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error naming them."""
-        return cls.from_dict({**cls.read_file(path), **overrides}, where=str(path))
-
-    @staticmethod
-    def read_file(path) -> dict:
-        """The option mapping a YAML or JSON config file holds."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config: no file at {path}")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                values = yaml.safe_load(text) or {}
-            else:
-                values = json.loads(text)
-        except Exception as error:  # the parsers' own errors say where
-            raise ValueError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {error}")
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: must hold a mapping of option names to values")
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)}")
-        return cls(**values)
-
     def __post_init__(self):
-        def positive_int(name, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-        def number(name, low, allow_none=False, inclusive=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            if not ok or (value < low if inclusive else value <= low):
-                raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
-
-        def choice(name, choices):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-
+        positive_int, number, choice = self._positive_int, self._number, self._choice
         for name in ("num_constitutions", "max_new_tokens", "iterations", "batch_size",
                      "gradient_accumulation_steps", "micro_batch_size", "save_total_limit"):
             positive_int(name)
@@ -211,6 +218,24 @@ class Example:
     responses: list  # C response texts
     finished: list  # C bools: ended by EOS or a stop string
     fields: dict = field(default_factory=dict)
+
+
+def constitution_sampler(config, source=None) -> sami_data.ConstitutionSampler:
+    """The sampler of ``config``'s constitutions (``principles``, ``num_constitutions``,
+    ``principles_per_constitution``, ``seed``); ``source``: a ``ConstitutionSource`` already read instead."""
+    if source is None:
+        source = sami_data.load_constitution_source(config.principles or sami_data.embedded_principles_path())
+    # principles_per_constitution applies to principle files; ready constitutions are used as they are.
+    per_constitution = config.principles_per_constitution if source.principles is not None else None
+    return sami_data.ConstitutionSampler(source, num_constitutions=config.num_constitutions,
+                                         principles_per_constitution=per_constitution, seed=config.seed)
+
+
+def build_prompt(tokenizer, constitution: str, query: str, template) -> Prompt:
+    """The generation prompt of ``query`` under ``constitution`` (``template``: "chat" or a format string)."""
+    text, add_special_tokens = _prompt_text(tokenizer, constitution, query, template)
+    ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+    return Prompt(text=text, ids=torch.tensor(ids, dtype=torch.long))
 
 
 def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
@@ -329,14 +354,7 @@ class Trainer:
         # Each iteration restarts from the base weights.
         self.base_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         self.queries = None if config.train_data else self._load_queries()
-        self.sampler = None
-        if self.queries is not None:
-            source = sami_data.load_constitution_source(config.principles or sami_data.embedded_principles_path())
-            # principles_per_constitution applies to principle files; ready constitutions are used as they are.
-            per_constitution = config.principles_per_constitution if source.principles is not None else None
-            self.sampler = sami_data.ConstitutionSampler(
-                source, num_constitutions=config.num_constitutions,
-                principles_per_constitution=per_constitution, seed=config.seed)
+        self.sampler = None if self.queries is None else constitution_sampler(config)
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ data
@@ -353,9 +371,7 @@ class Trainer:
         return queries
 
     def _prompt(self, constitution: str, query: str) -> Prompt:
-        text, add_special_tokens = _prompt_text(self.tokenizer, constitution, query, self.template)
-        ids = self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-        return Prompt(text=text, ids=torch.tensor(ids, dtype=torch.long))
+        return build_prompt(self.tokenizer, constitution, query, self.template)
 
     def _check_prompt_room(self, prompt: Prompt, where: str) -> None:
         limit = getattr(self.model.config, "max_position_embeddings", None)
