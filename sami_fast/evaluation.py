@@ -619,7 +619,9 @@ def write_plot(rows: list, path: Path) -> None:
     mi.set_title("held-out MI lower bound (log C - loss)")
     for axis in (wins, mi):
         axis.set_xlabel("iteration (0: base)")
-        axis.set_xticks(sorted({r["iteration"] for r in rows}))
+        iterations = sorted({r["iteration"] for r in rows})
+        axis.set_xticks(iterations)
+        axis.set_xlim(iterations[0] - 0.5, iterations[-1] + 0.5)  # room for the offset length-controlled bars
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
     figure.tight_layout()
