@@ -174,6 +174,9 @@ def policy_models(spec: str) -> list:
             raise FileNotFoundError(
                 f"policy: {path} holds no model: expected a Hugging Face model directory (with config.json) "
                 "or a `sami-fast train` output directory (with iteration-N/policy/)")
+        match = re.fullmatch(r"iteration-(\d+)", path.resolve().parent.name)
+        if path.name == "policy" and match:  # one iteration of a training run
+            return [(match.group(0), int(match.group(1)), str(path))]
         return [(path.name, 1, str(path))]
     found = []
     for number, directory in iterations:
@@ -186,8 +189,10 @@ def policy_models(spec: str) -> list:
 
 
 def training_queries(spec: str) -> set:
-    """The query texts a ``sami-fast train`` output directory trained on (its ``iteration-N/data.jsonl``)."""
+    """The query texts a ``sami-fast train`` output directory (or one of its ``iteration-N/policy``) trained on."""
     path = Path(spec)
+    if path.name == "policy" and re.fullmatch(r"iteration-\d+", path.resolve().parent.name):
+        path = path.resolve().parent.parent  # one iteration's policy: the run it belongs to
     texts = set()
     for data in sorted(path.glob("iteration-*/data.jsonl")) if path.is_dir() else []:
         with open(data, encoding="utf-8") as f:

@@ -24,6 +24,7 @@ from sami_fast.cli import main as cli_main
 from sami_fast.data import DataError
 from sami_fast.evaluation import (
     EvalConfig, Evaluator, Judge, bootstrap_interval, held_out_queries, length_controlled_win_rate, policy_models,
+    training_queries,
 )
 from sami_fast.trainer import _check_template
 from sami_fast.training import EMBEDDED_TRAINING_QUERIES, build_prompt
@@ -199,6 +200,10 @@ def test_cli_evaluates_every_iteration_of_a_training_run(tmp_path, tokenizer, ca
     assert cli_main(["train", "--model", str(base_dir), "--out", str(train_out), "--max-queries", "2",
                      "--iterations", "2", "--num-constitutions", "2", "--principles-per-constitution", "1",
                      "--max-new-tokens", "4", "--lr", "0.01", "--quiet"]) == 0
+    one_iteration = train_out / "iteration-2" / "policy"
+    assert policy_models(str(one_iteration)) == [("iteration-2", 2, str(one_iteration))]
+    trained = {json.loads(line)["query"] for line in (train_out / "iteration-1" / "data.jsonl").read_text().splitlines()}
+    assert training_queries(str(one_iteration)) == training_queries(str(train_out)) == trained and len(trained) == 2
     config = tmp_path / "eval.yaml"
     config.write_text("num_constitutions: 2\nprinciples_per_constitution: 1\nmax_new_tokens: 4\n"
                       "bootstrap_samples: 100\n")
