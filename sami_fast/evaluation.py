@@ -45,7 +45,13 @@ from sami_fast.loss import sami_loss
 from sami_fast.models import DTYPES, load_causal_lm
 from sami_fast.prefix import SCORE_REDUCTIONS, logprob_matrix
 from sami_fast.trainer import _check_template
-from sami_fast.training import EMBEDDED_TRAINING_QUERIES, ConfigFile, build_prompt, constitution_sampler
+from sami_fast.training import (
+    EMBEDDED_TRAINING_QUERIES,
+    TRAIN_CONFIG_FILE,
+    ConfigFile,
+    build_prompt,
+    constitution_sampler,
+)
 
 VERDICT_LETTERS = ("A", "B")
 CONFIDENCE = 0.95
@@ -73,7 +79,8 @@ class EvalConfig(ConfigFile):
 
     ``policy``: a ``sami-fast train`` output directory (each ``iteration-N/policy`` is
     evaluated, in order) or one model (directory, ``.gguf`` file or cached hub name).
-    ``base``, ``judge``: models as ``TrainConfig.model`` takes them; None means
+    ``base``, ``judge``: models as ``TrainConfig.model`` takes them; ``base`` None means the
+    model the training run started from (its ``train_config.json``), ``judge`` None means
     SmolLM2-135M-Instruct (the trainer's default base; loaded once when it is both).
     ``queries``: None means the embedded queries training leaves out (all but the first
     ``EMBEDDED_TRAINING_QUERIES``); queries found in the training run's ``data.jsonl``
@@ -188,11 +195,24 @@ def policy_models(spec: str) -> list:
     return found
 
 
-def training_queries(spec: str) -> set:
-    """The query texts a ``sami-fast train`` output directory (or one of its ``iteration-N/policy``) trained on."""
+def training_run(spec: str) -> Path:
+    """The ``sami-fast train`` output directory ``spec`` is or (as one ``iteration-N/policy``) belongs to."""
     path = Path(spec)
     if path.name == "policy" and re.fullmatch(r"iteration-\d+", path.resolve().parent.name):
-        path = path.resolve().parent.parent  # one iteration's policy: the run it belongs to
+        return path.resolve().parent.parent
+    return path
+
+
+def training_base(spec: str) -> str | None:
+    """The model the ``sami-fast train`` run ``spec`` started from, as its options name it (None: not recorded,
+    or the run's default, SmolLM2-135M-Instruct)."""
+    options = training_run(spec) / TRAIN_CONFIG_FILE
+    return json.loads(options.read_text(encoding="utf-8")).get("model") if options.is_file() else None
+
+
+def training_queries(spec: str) -> set:
+    """The query texts a ``sami-fast train`` output directory (or one of its ``iteration-N/policy``) trained on."""
+    path = training_run(spec)
     texts = set()
     for data in sorted(path.glob("iteration-*/data.jsonl")) if path.is_dir() else []:
         with open(data, encoding="utf-8") as f:
@@ -421,10 +441,12 @@ class Evaluator:
         self.queries = held_out_queries(config, training_queries(config.policy) if policies is None else set())
         self.sampler = held_out_sampler(config)
         self.constitutions = [self.sampler.for_query(index) for index in range(len(self.queries))]
-        self.base = base if base is not None else self._load(config.base)
+        # No base named: the model the training run started from.
+        base_spec = config.base if config.base is not None or policies is not None else training_base(config.policy)
+        self.base = base if base is not None else self._load(base_spec)
         self.judge = None
         if config.win_rate:
-            same_as_base = judge is None and base is None and config.judge == config.base
+            same_as_base = judge is None and base is None and config.judge == base_spec
             model, tokenizer = judge if judge is not None else self.base if same_as_base else self._load(config.judge)
             self.judge = Judge(model, tokenizer, config.judge_template, config.judge_batch_size)
 

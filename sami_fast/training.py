@@ -42,6 +42,7 @@ from sami_fast.trainer import MasterWeights, SAMITrainer, _check_template, _prom
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 # The embedded data's first queries train (a default run fits in minutes on a CPU); the rest are held out.
 EMBEDDED_TRAINING_QUERIES = 12
+TRAIN_CONFIG_FILE = "train_config.json"  # the options of a run, written into its output directory
 SCHEDULES = ("constant", "linear", "cosine")
 METRIC_COLUMNS = (
     "iteration", "step", "loss", "mi_lower_bound", "row_accuracy", "column_accuracy", "grad_norm", "lr",
@@ -576,6 +577,8 @@ class Trainer:
         if checkpoint is None and self.parallel.is_main:
             for name in ("metrics.jsonl", "metrics.csv"):
                 (self.out / name).unlink(missing_ok=True)
+            # The run's options, for `sami-fast eval` (its default base is the model trained from).
+            (self.out / TRAIN_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=2) + "\n")
         first_iteration = 1 if checkpoint is None else checkpoint["iteration"]
         for iteration in range(first_iteration, self.config.iterations + 1):
             resuming = checkpoint if checkpoint is not None and checkpoint["iteration"] == iteration else None

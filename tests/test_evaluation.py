@@ -22,10 +22,12 @@ from oracle import (
 from sami_fast import load_smollm2, reference
 from sami_fast.cli import main as cli_main
 from sami_fast.data import DataError
+from sami_fast import evaluation
 from sami_fast.evaluation import (
     EvalConfig, Evaluator, Judge, bootstrap_interval, held_out_queries, length_controlled_win_rate, policy_models,
-    training_queries,
+    training_base, training_queries,
 )
+from sami_fast.models import load_causal_lm
 from sami_fast.trainer import _check_template
 from sami_fast.training import EMBEDDED_TRAINING_QUERIES, build_prompt
 from tiny_lm import bpe_tokenizer, tiny_causal_lm
@@ -191,7 +193,7 @@ def test_held_out_mi_matches_a_direct_computation(tmp_path, tokenizer):
 # ---------------------------------------------------------------- the CLI on a training run
 
 
-def test_cli_evaluates_every_iteration_of_a_training_run(tmp_path, tokenizer, capsys):
+def test_cli_evaluates_every_iteration_of_a_training_run(tmp_path, tokenizer, capsys, monkeypatch):
     base_dir, judge_dir = tmp_path / "base", tmp_path / "judge"
     for directory, seed in ((base_dir, 4), (judge_dir, 2)):
         _tiny(tokenizer, seed)[0].save_pretrained(directory)
@@ -209,10 +211,15 @@ def test_cli_evaluates_every_iteration_of_a_training_run(tmp_path, tokenizer, ca
                       "bootstrap_samples: 100\n")
     out = tmp_path / "eval"
     capsys.readouterr()
-    code = cli_main(["eval", "--config", str(config), "--policy", str(train_out), "--base", str(base_dir),
+    assert training_base(str(train_out)) == training_base(str(one_iteration)) == str(base_dir)
+    loaded = []  # no --base: the base is the model the run trained from, not the default SmolLM2
+    monkeypatch.setattr(evaluation, "load_causal_lm",
+                        lambda spec, dtype: loaded.append(spec) or load_causal_lm(spec, dtype))
+    code = cli_main(["eval", "--config", str(config), "--policy", str(train_out),
                      "--judge", str(judge_dir), "--out", str(out), "--max-queries", "2", "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
+    assert loaded[0] == str(base_dir) and None not in loaded
     assert "MI bound [95% CI]" in printed and "iteration-1" in printed and "iteration-2" in printed
     records = [json.loads(line) for line in (out / "comparisons.jsonl").read_text().splitlines()]
     assert [r["model"] for r in records] == ["iteration-1"] * 4 + ["iteration-2"] * 4
