@@ -127,10 +127,11 @@ def _head_candidate(name, role, device, shape, forward, backend=None, unavailabl
         weight.requires_grad_()
 
         def forward_backward():
-            hidden.grad = weight.grad = None
             out = forward(hidden, weight, labels)
             (out.float() * upstream).sum().backward()
-            return out.detach(), hidden.grad, weight.grad
+            results = out.detach(), hidden.grad, weight.grad
+            hidden.grad = weight.grad = None  # the caller holds them: a run's peak includes its gradients
+            return results
 
         return (lambda: with_backend(backend, forward_backward)) if backend else forward_backward
 
@@ -161,10 +162,11 @@ def _logits_candidate(name, role, device, shape, forward, backend=None, unavaila
         logits.requires_grad_()
 
         def forward_backward():
-            logits.grad = None
             out = forward(logits, labels)
             (out.float() * upstream).sum().backward()
-            return out.detach(), logits.grad
+            results = out.detach(), logits.grad
+            logits.grad = None
+            return results
 
         return (lambda: with_backend(backend, forward_backward)) if backend else forward_backward
 

@@ -64,8 +64,6 @@ def _candidate(name, role, device, B, C, loss_of, backend=None, unavailable=None
         logprobs = _logprobs(device, B, C).requires_grad_()
 
         def run():
-            logprobs.grad = None
-
             def forward_backward():
                 loss = loss_of(logprobs)
                 if loss.requires_grad:  # the per-query loop has run its backwards already
@@ -73,7 +71,9 @@ def _candidate(name, role, device, B, C, loss_of, backend=None, unavailable=None
                 return loss.detach()
 
             loss = with_backend(backend, forward_backward) if backend else forward_backward()
-            return loss, logprobs.grad
+            results = loss, logprobs.grad
+            logprobs.grad = None  # the caller holds it: a run's peak includes its gradient
+            return results
 
         return run
 

@@ -174,7 +174,9 @@ def _candidate(name, role, step, size, device, C, backend=None, unavailable=None
 
         def run():
             loss = with_backend(backend, run_step) if backend else run_step()
-            return (loss.detach(), *(parameters[n].grad for n in checked))
+            results = (loss.detach(), *(parameters[n].grad for n in checked))
+            model.zero_grad(set_to_none=True)  # the caller holds the checked ones: a run's peak includes them
+            return results
 
         return run
 
