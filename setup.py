@@ -11,7 +11,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["sami_fast", "sami_fast.bench", "sami_fast.kernels"],
+    packages=["sami_fast", "sami_fast.kernels"],
     package_dir={"sami_fast": "sami_fast", "sami_fast.kernels": "kernels"},
     # The embedded example dataset (queries and principle files) that `sami_fast.data` points to.
     package_data={"sami_fast": ["datasets/*.jsonl", "datasets/principles/*.json"]},
@@ -22,7 +22,8 @@ setup(
         # `sami-fast train`: YAML configs, progress bars, the training plot.
         "train": ["transformers>=4.57", "accelerate", "gguf", "pyyaml", "tqdm", "matplotlib"],
         "flash": ["flash-attn>=2.6"],
-        # The fused linear cross-entropies the GPU benchmarks compare against (CUDA only).
+        # The fused linear cross-entropies the benchmarks compare against (cut-cross-entropy's
+        # torch_compile implementation runs on CPU too; its Triton kernels and Liger need CUDA).
         "peers": ["cut-cross-entropy", "liger-kernel"],
     },
     entry_points={"console_scripts": ["sami-fast=sami_fast.cli:main"]},

@@ -15,10 +15,10 @@ package index, run ``bash benchmarks/fetch_peers.sh`` where pip can download and
    float64 reference, by the oracle rule |ours - fp64| <= |torch bf16 - fp64| + tol
    (tol = bf16 eps * max|fp64|), plus relative norms; an fp32 case within 1e-4.
    ``sami_loss`` likewise (fp32 and bf16, with a mask).
-2. Timing: every topic's ``cases("cuda", size)`` from ``sami_fast/bench`` through
-   ``sami_fast.bench.measure``; rows are appended to --out case by case, then the
-   table and the GPU targets (time and memory against the best peer, fraction of
-   the bf16 peak) are printed.
+2. Timing: every suite's cases of the benchmark runner (``benchmarks.runner``, as
+   ``python -m benchmarks --device cuda``: the float64 gate, interleaved repeats, peak
+   memory, a row for every peer or API missing here); rows are appended to --out case by
+   case, then the tables and the GPU targets (time and memory against the best peer).
 
 Every check and case runs on its own: a failure is printed and the rest go on.
 A wall-clock budget (--budget-s, 450 s) skips what would not start in time, and a
@@ -58,15 +58,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.csv"),
                         help="CSV to append the timing rows to (created with a header if missing)")
-    parser.add_argument("--size", choices=("small", "full"), default="full", help="benchmark shapes (default: full)")
-    parser.add_argument("--topics", default=None, help="comma-separated benchmark topics (default: all)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per benchmark case")
+    parser.add_argument("--size", choices=("quick", "full"), default="full", help="benchmark shapes (default: full)")
+    parser.add_argument("--suites", default=None, help="comma-separated runner suites: loss,logprobs,step (default: all)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per benchmark case")
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="wall-clock budget; later steps are skipped once it is spent (default 450 s)")
     parser.add_argument("--hard-limit-s", type=float, default=470.0,
                         help="the process exits (status 1) this many seconds after its start, whatever it is doing")
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="dense bf16 matrix peak of the GPU for the achieved fraction (H100/H200 SXM: 989)")
     parser.add_argument("--skip-checks", action="store_true", help="only the timing table")
     parser.add_argument("--skip-bench", action="store_true", help="only the correctness checks")
     parser.add_argument("--cpu-dry-run", action="store_true",
@@ -213,57 +211,58 @@ def run_checks(sf, device, deadline):
 
 
 # ---------------------------------------------------------------- timing
-def run_bench(args, deadline):
-    from sami_fast import bench
+def run_bench(args, deadline, info):
+    """The runner's cases (``benchmarks.runner``) on the GPU, case by case until ``deadline``;
+    rows are appended to --out as each case finishes. A peer or API missing here (an older
+    torch without ``linear_cross_entropy``, no cut-cross-entropy) is a row saying so."""
+    from benchmarks import runner
 
-    topics = args.topics.split(",") if args.topics else list(bench.TOPICS)
+    suites = args.suites.split(",") if args.suites else list(runner.SUITES)
     rows = []
-    for topic in topics:
+    for suite in suites:
         if time.monotonic() > deadline:
-            print(f"  SKIP topic {topic} (budget spent)")
+            print(f"  SKIP suite {suite} (budget spent)")
             continue
-        print(f"[{topic}]")
         try:
-            cases = bench.load_cases(topic, "cuda", args.size)
+            cases = runner.load_cases(suite, "cuda", args.size)
         except Exception:
             traceback.print_exc()
             continue
-        # A model-level step takes seconds: fewer timed runs keep the run within --budget-s.
-        repeats = min(args.repeats, 3) if topic == "sami_step" else args.repeats
+        # A model-level step takes seconds: fewer timed rounds keep the run within --budget-s.
+        repeats = min(args.repeats, 3) if suite == "step" else args.repeats
         for case in cases:
             if time.monotonic() > deadline:
-                print(f"  SKIP {case.provider} {case.x} (budget spent)")
+                print(f"  SKIP {case.kernel} {case.name} (budget spent)")
                 continue
-            new = bench.run_cases([case], "cuda", repeats)
+            new = runner.run_cases([case], "cuda", repeats, progress=False)
+            print(runner.format_tables(new))
             rows += new
-            # Rows are appended case by case, so an interrupted run keeps what it measured.
             try:
-                bench.append_results(args.out, new, "cuda")
+                runner.append_csv(Path(args.out), new, info)
             except Exception:
                 traceback.print_exc()
     return rows
 
 
-def print_bars(rows, peak_tflops):
-    """The GPU targets per shape: time <= best peer, memory <= best peer + 10%, fraction of peak."""
-    peers = ("naive", "cut_cross_entropy", "cut_cross_entropy_exact", "liger")
-    by_shape = {}
+def print_bars(rows):
+    """Per shape: the fastest sami_fast candidate against the fastest and the leanest peer
+    (time <= best peer, memory <= 1.1 x the leanest peer's)."""
+    shapes = {}
     for r in rows:
-        if "time_ms" in r:
-            by_shape.setdefault((r["kernel"], r["x"]), {})[r["provider"]] = r
-    for (kernel, x), by_provider in by_shape.items():
-        ours = by_provider.get("sami_fast")
-        measured_peers = [by_provider[p] for p in peers if p in by_provider and p != "naive"] or \
-            [by_provider[p] for p in peers if p in by_provider]
-        if ours is None or not measured_peers:
+        if r["status"] == "ok":
+            shapes.setdefault((r["kernel"], r["case"]), []).append(r)
+    for (kernel, case), measured in shapes.items():
+        ours = [r for r in measured if r["role"] == "sami_fast"]
+        peers = [r for r in measured if r["role"] == "peer"]
+        if not ours or not peers:
             continue
-        fastest = min(measured_peers, key=lambda r: r["time_ms"])
-        leanest = min(measured_peers, key=lambda r: r["peak_mb"])
-        fraction = f", {ours['tflops']:.0f} TFLOP/s = {ours['tflops'] / peak_tflops:.0%} of peak" if "tflops" in ours else ""
-        print(f"  {kernel} {x}: time {ours['time_ms']:.2f} ms vs best peer {fastest['provider']} "
-              f"{fastest['time_ms']:.2f} ms ({'OK' if ours['time_ms'] <= fastest['time_ms'] else 'SLOWER'}); "
-              f"memory {ours['peak_mb']:.0f} MB vs {leanest['provider']} {leanest['peak_mb']:.0f} MB "
-              f"({'OK' if ours['peak_mb'] <= 1.1 * leanest['peak_mb'] else 'OVER'}){fraction}")
+        best = min(ours, key=lambda r: r["time_ms"])
+        fastest = min(peers, key=lambda r: r["time_ms"])
+        leanest = min(peers, key=lambda r: r["peak_mb"])
+        print(f"  {kernel} {case}: {best['candidate']} {best['time_ms']:.2f} ms vs best peer {fastest['candidate']} "
+              f"{fastest['time_ms']:.2f} ms ({'OK' if best['time_ms'] <= fastest['time_ms'] else 'SLOWER'}); "
+              f"memory {best['peak_mb']:.0f} MB vs {leanest['candidate']} {leanest['peak_mb']:.0f} MB "
+              f"({'OK' if best['peak_mb'] <= 1.1 * leanest['peak_mb'] else 'OVER'})")
 
 
 def _stop_at_hard_limit(limit, elapsed):
@@ -286,7 +285,8 @@ def main(argv=None):
 
     deadline = start + args.budget_s
     sf = _import_sami_fast()
-    from sami_fast import bench
+    sys.path.insert(0, str(ROOT))  # the `benchmarks` package of this checkout
+    from benchmarks import runner
 
     if args.cpu_dry_run:
         results = run_checks(sf, "cpu", deadline)
@@ -295,8 +295,9 @@ def main(argv=None):
         print("gpu_check: no CUDA device available", file=sys.stderr)
         return 2
 
-    print(f"gpu_check: {bench.device_name('cuda')} torch={torch.__version__} "
-          f"triton={importlib.import_module('triton').__version__}")
+    info = runner.provenance("cuda")
+    print(f"gpu_check: {info['device']} torch={info['torch']} triton={info['triton']} "
+          f"transformers={info['transformers']} commit={info['commit']}")
     results = []
     if not args.skip_checks:
         print("== correctness")
@@ -305,18 +306,19 @@ def main(argv=None):
     if not args.skip_bench:
         print("== timing")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        rows = run_bench(args, deadline)
+        rows = run_bench(args, deadline, info)
         print()
-        print(bench.format_table(rows))
+        print(runner.format_tables(rows))
         print("\n== bars (vs the best peer measured in this run)")
-        print_bars(rows, args.peak_tflops)
+        print_bars(rows)
         print(f"rows appended to {args.out}")
     print("\n== summary")
     for title, status in results:
         print(f"  {status:<7} {title}")
-    print(f"  benchmark cases: {len(rows)}, errors: {sum('error' in r for r in rows)}; "
-          f"wall {time.monotonic() - start:.0f} s")
-    failed = any(status in ("FAIL", "ERROR") for _, status in results) or any("error" in r for r in rows)
+    ours_failed = [r for r in rows if r["role"] == "sami_fast" and r["status"] in ("error", "wrong")]
+    print(f"  benchmark rows: {len(rows)}, sami_fast errors or wrong: {len(ours_failed)}, other rows not measured: "
+          f"{sum(r['status'] != 'ok' for r in rows) - len(ours_failed)}; wall {time.monotonic() - start:.0f} s")
+    failed = any(status in ("FAIL", "ERROR") for _, status in results) or bool(ours_failed)
     return 1 if failed else 0
 
 

@@ -7,22 +7,24 @@ For aligned rows x_i (N, D), an LM head W (V, D), optional bias b (V,) and targe
     out_i = z_i[t_i] - logsumexp(z_i)                         (0 where t_i == ignore_index)
 
 exactly ``sami_fast.reference.token_logprobs``, without ever holding the (N, V) logits.
-Only rows with a scored target are processed (in SAMI most rows are prompt), in
-chunks of ``chunk_rows``; the forward keeps the per-row log-sum-exp (fp32) and the
-backward recomputes each chunk's logits (blocks of rows x vocabulary within the same
-``chunk_rows * V`` budget when the vocabulary is split). With upstream gradient g_i and
-p_i = softmax(z_i):
+Only rows with a scored target are processed (in SAMI most rows are prompt), in tiles of
+rows x a block of the vocabulary: the forward keeps only the per-row log-sum-exp (fp32),
+merged across vocabulary blocks online, and the backward recomputes each tile's logits.
+With upstream gradient g_i and p_i = softmax(z_i):
 
     dz_i = g_i · (onehot(t_i) - p_i)
     du_i = dz_i · (1 - tanh²(u_i / softcap)) / temperature  (without softcap: dz_i / temperature)
     dx_i = du_i W,   dW = Σ_i du_iᵀ x_i,   db = Σ_i du_i
 
-Extra memory is O(chunk_rows · V), plus in backward an fp32 dx for bf16/fp16 rows and,
-for a bf16/fp16 head, an fp32 dW accumulator for one vocabulary chunk at a time (~32
-MiB), cast into the gradient as each chunk finishes: never an fp32 copy of all of W.
-An fp32 head accumulates straight into its gradient, in one vocabulary chunk. The
-in-place chunk helpers below are shared with the torch path of
-``sami_fast.get_batch_logprobs``.
+The backward forms p - onehot in the tile (two in-place passes) and puts g_i / temperature
+on the small side of each matmul: on x_i (rows x D) for dW, on the summed dx_i at the end,
+so no pass over the tile scales it.
+
+Extra memory is one tile, plus in backward an fp32 dx for the rows and, for a bf16/fp16
+head, an fp32 dW accumulator for one vocabulary block at a time (~32 MiB at most), cast
+into the gradient as each block finishes: never an fp32 copy of all of W. An fp32 head
+accumulates straight into its gradient. The in-place tile helpers below are shared with
+the torch path of ``sami_fast.get_batch_logprobs``.
 """
 
 import functools
@@ -31,17 +33,33 @@ import torch
 
 from sami_fast.validation import check_float, check_positive, check_tensor, scored_targets_mask
 
-# A chunk of logits holds about this many fp32 elements: 64 MiB, large enough that
-# the rank-chunk update of dW is compute-bound rather than bound by streaming dW.
-CHUNK_ELEMENTS = 2**24
+# Logits per tile (rows x vocabulary block): 64 MiB of fp32, large enough that each matmul
+# is compute-bound (measured on a 2-core EPYC: 4 MiB tiles of 2048 columns, cache-resident,
+# were 1.7x slower at 2 threads, the threads syncing on many small matmuls).
+TILE_ELEMENTS = 2**24
+# Vocabulary block of a tile, None: the whole vocabulary (an fp32 head needs no blocks; the
+# tests set it to exercise the log-sum-exp merged across blocks).
+VOCAB_BLOCK = None
 # Held logits need no matmul: chunks of 4 MiB (fp32) stay in cache across their passes.
 LOGITS_CHUNK_ELEMENTS = 2**20
-# The backward's fp32 dW accumulator for a bf16/fp16 head: one vocabulary chunk of ~32 MiB.
+# The backward's fp32 dW accumulator for a bf16/fp16 head: one vocabulary block of ~32 MiB.
 D_WEIGHT_CHUNK_ELEMENTS = 2**23
 
 
-def default_chunk_rows(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+def default_chunk_rows(vocab_size: int, chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> int:
     return max(1, chunk_elements // vocab_size)
+
+
+def tile_shape(n_rows: int, weight: torch.Tensor, chunk_rows: int | None = None) -> tuple[int, int]:
+    """(rows, vocabulary columns) of a logits tile for ``n_rows`` rows and the head ``weight``;
+    ``chunk_rows`` caps the rows."""
+    vocab, dim = weight.shape
+    width = VOCAB_BLOCK or vocab
+    if weight.dtype not in (torch.float32, torch.float64):  # the fp32 dW accumulator covers one block
+        width = min(width, max(1, D_WEIGHT_CHUNK_ELEMENTS // max(dim, 1)))
+    width = min(width, vocab)
+    rows = max(1, min(n_rows, TILE_ELEMENTS // width, chunk_rows or n_rows))
+    return rows, width
 
 
 def logsumexp_and_pick_(z: torch.Tensor, targets: torch.Tensor):
@@ -52,14 +70,14 @@ def logsumexp_and_pick_(z: torch.Tensor, targets: torch.Tensor):
     return lse, picked
 
 
-def onehot_minus_softmax_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, first_column: int = 0):
-    """In place, ``z <- onehot(targets) - softmax(z)`` given its row ``lse``, for the columns
+def softmax_minus_onehot_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, first_column: int = 0):
+    """In place, ``z <- softmax(z) - onehot(targets)`` given its row ``lse``, for the columns
     ``first_column ..`` of the vocabulary that ``z`` holds (targets outside them add nothing)."""
-    z.sub_(lse.unsqueeze(1)).exp_().neg_()
+    z.sub_(lse.unsqueeze(1)).exp_()
     column = targets - first_column
     inside = (column >= 0) & (column < z.shape[1])
-    # scatter_add_ of 0/1 rather than indexing the hits: no host sync on a GPU.
-    return z.scatter_add_(1, column.clamp(0, z.shape[1] - 1).unsqueeze(1), inside.to(z.dtype).unsqueeze(1))
+    # scatter_add_ of 0/-1 rather than indexing the hits: no host sync on a GPU.
+    return z.scatter_add_(1, column.clamp(0, z.shape[1] - 1).unsqueeze(1), inside.to(z.dtype).neg_().unsqueeze(1))
 
 
 def _autocast_off(backward):
@@ -81,16 +99,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, targets, bias, softcap, temperature, chunk_rows):
-        chunk_rows = min(chunk_rows, max(1, rows.shape[0]))
-        head = _Head(weight, bias, softcap, temperature, chunk_rows)
-        lse = torch.empty(rows.shape[0], dtype=head.z.dtype, device=rows.device)
-        picked = torch.empty_like(lse)
-        for start in range(0, rows.shape[0], chunk_rows):
-            end = min(start + chunk_rows, rows.shape[0])
-            z, _ = head.logits(rows[start:end])
-            lse[start:end], picked[start:end] = logsumexp_and_pick_(z, targets[start:end])
+        picked, lse = _picked_and_lse(rows, weight, targets, bias, softcap, temperature, chunk_rows)
         ctx.save_for_backward(rows, weight, bias, targets, lse)
-        ctx.head_args = (softcap, temperature, chunk_rows)  # _Head's arguments after weight, bias
+        ctx.head_args = (softcap, temperature, chunk_rows)
         return picked - lse
 
     @staticmethod
@@ -98,91 +109,121 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @_autocast_off
     def backward(ctx, grad_out):
         rows, weight, bias, targets, lse = ctx.saved_tensors
-        softcap, temperature, chunk_rows = ctx.head_args
-        need_rows, need_weight, _, need_bias = ctx.needs_input_grad[:4]
-        accumulate = lse.dtype  # fp32 (fp64 for fp64 inputs)
-        sums = dict(dtype=accumulate, device=weight.device)
-        # Each row's du carries g / temperature, applied after the matmul with W: in an
-        # fp16 operand g * du would flush to zero for per-token g ~ 1e-5.
-        row_scale = grad_out.to(accumulate).div(temperature).unsqueeze(1)
-        vocab, dim = weight.shape
-        in_place = weight.dtype == accumulate  # W's own gradient can hold the sums
-        one_chunk = in_place or not need_weight
-        width = vocab if one_chunk else max(1, min(vocab, D_WEIGHT_CHUNK_ELEMENTS // max(dim, 1)))
-        block_rows = max(1, min(rows.shape[0], chunk_rows * vocab // width))  # forward's logits budget
-        d_rows = torch.zeros(rows.shape, **sums) if need_rows else None
-        d_weight = (torch.zeros_like if in_place else torch.empty_like)(weight) if need_weight else None
-        scratch = torch.empty((width, dim), **sums) if need_weight and not in_place else None
-        d_bias = torch.zeros(vocab, **sums) if need_bias else None
-        for first in range(0, vocab, width):
-            last = min(first + width, vocab)
-            d_weight_chunk = None
-            if need_weight:
-                d_weight_chunk = d_weight[first:last] if in_place else scratch[: last - first].zero_()
-            head = _Head(weight[first:last], None if bias is None else bias[first:last], softcap, temperature,
-                         block_rows)
-            _add_vocab_chunk_gradients(rows, targets, lse, row_scale, head, first,
-                                       d_rows, d_weight_chunk, None if d_bias is None else d_bias[first:last])
-            del head  # its logits buffers go before the next chunk's are made
-            if need_weight and not in_place:
-                d_weight[first:last].copy_(d_weight_chunk)
-        d_rows = d_rows.to(rows.dtype) if need_rows else None
-        d_bias = d_bias.to(bias.dtype) if need_bias else None
+        d_rows, d_weight, d_bias = _gradients(rows, weight, bias, targets, lse, grad_out, *ctx.head_args,
+                                              ctx.needs_input_grad[:4])
         return d_rows, d_weight, None, d_bias, None, None, None
 
 
-def _add_vocab_chunk_gradients(rows, targets, lse, row_scale, head, first, d_rows, d_weight, d_bias):
-    """Add the gradients of the vocabulary columns ``first ..`` that ``head`` covers, a block of
-    rows at a time: into d_rows (all rows), d_weight and d_bias (this chunk's). A function of
-    its own so that no view of the head's logits buffers outlives the chunk."""
-    for start in range(0, rows.shape[0], head.z.shape[0]):
-        end = min(start + head.z.shape[0], rows.shape[0])
-        z, tanh = head.logits(rows[start:end])
-        du = onehot_minus_softmax_(z, targets[start:end], lse[start:end], first)
-        if tanh is not None:
-            du.mul_(tanh.square_().neg_().add_(1.0))
-        if d_rows is not None:
-            d_rows[start:end].addcmul_(torch.mm(head.in_weight_dtype(du), head.weight), row_scale[start:end])
-        du.mul_(row_scale[start:end])
-        if d_weight is not None:
-            d_weight.addmm_(du.t(), rows[start:end].to(du.dtype))
-        if d_bias is not None:
-            d_bias.add_(du.sum(dim=0))
+def _picked_and_lse(rows, weight, targets, bias, softcap, temperature, chunk_rows):
+    """(z_i[t_i], logsumexp(z_i)) (N,) in fp32 (fp64 for fp64 inputs), tile by tile: per
+    vocabulary block, each row's block maximum and sum of exp(z - maximum) are merged into
+    running ones (online log-sum-exp)."""
+    n = rows.shape[0]
+    block_rows, width = tile_shape(n, weight, chunk_rows)
+    head = _Head(weight, bias, softcap, temperature, block_rows, width)
+    sums = dict(dtype=head.dtype, device=rows.device)
+    running_max = torch.full((n,), float("-inf"), **sums)
+    total, picked = torch.zeros(n, **sums), torch.zeros(n, **sums)
+    for first in range(0, weight.shape[0], width):
+        last = min(first + width, weight.shape[0])
+        for start in range(0, n, block_rows):
+            end = min(start + block_rows, n)
+            z, _ = head.logits(rows[start:end], first, last)
+            column = targets[start:end] - first
+            inside = (column >= 0) & (column < last - first)
+            hit = z.gather(1, column.clamp(0, last - first - 1).unsqueeze(1)).squeeze(1)
+            picked[start:end] = torch.where(inside, hit, picked[start:end])
+            block_max = z.amax(dim=1)
+            # A block of -inf logits (banned tokens) adds exp(-inf) = 0, not NaN.
+            shift = torch.where(block_max > float("-inf"), block_max, 0.0)
+            block_sum = z.sub_(shift.unsqueeze(1)).exp_().sum(dim=1)
+            new_max = torch.maximum(running_max[start:end], block_max)
+            anchor = torch.where(new_max > float("-inf"), new_max, 0.0)
+            total[start:end] = (total[start:end] * (running_max[start:end] - anchor).exp_()
+                                + block_sum * (shift - anchor).exp_())
+            running_max[start:end] = new_max
+    anchor = torch.where(running_max > float("-inf"), running_max, 0.0)
+    return picked, total.log_().add_(anchor)
+
+
+def _gradients(rows, weight, bias, targets, lse, grad_out, softcap, temperature, chunk_rows, needs):
+    """(d_rows, d_weight, d_bias), each None where ``needs`` (rows, weight, _, bias) says so."""
+    need_rows, need_weight, _, need_bias = needs
+    accumulate = lse.dtype  # fp32 (fp64 for fp64 inputs)
+    sums = dict(dtype=accumulate, device=weight.device)
+    # Each row's g / temperature multiplies x_i (for dW) and the summed dx_i, after the matmuls
+    # with W: in an fp16 operand g * du would flush to zero for per-token g ~ 1e-5.
+    row_scale = grad_out.to(accumulate).div(temperature)
+    vocab, dim = weight.shape
+    n = rows.shape[0]
+    block_rows, width = tile_shape(n, weight, chunk_rows)
+    in_place = weight.dtype == accumulate  # W's own gradient can hold the sums
+    d_rows = torch.zeros(rows.shape, **sums) if need_rows else None  # sum over v of (p - onehot)_v W_v
+    d_weight = (torch.zeros_like if in_place else torch.empty_like)(weight) if need_weight else None
+    block_sums = torch.empty((width, dim), **sums) if need_weight and not in_place else None
+    scaled_rows = torch.empty((block_rows, dim), **sums) if need_weight else None
+    d_bias = torch.zeros(vocab, **sums) if need_bias else None
+    head = _Head(weight, bias, softcap, temperature, block_rows, width)
+    for first in range(0, vocab, width):
+        last = min(first + width, vocab)
+        d_weight_block = None
+        if need_weight:
+            d_weight_block = d_weight[first:last] if in_place else block_sums[: last - first].zero_()
+        for start in range(0, n, block_rows):
+            end = min(start + block_rows, n)
+            z, tanh = head.logits(rows[start:end], first, last)
+            du = softmax_minus_onehot_(z, targets[start:end], lse[start:end], first)  # -dz / g
+            if tanh is not None:
+                du.mul_(tanh.square_().neg_().add_(1.0))
+            if need_rows:
+                if d_rows.dtype == weight.dtype:
+                    d_rows[start:end].addmm_(du, weight[first:last])
+                else:
+                    d_rows[start:end].add_(torch.mm(head.in_weight_dtype(du), weight[first:last]))
+            if need_weight:
+                scaled = torch.mul(rows[start:end], row_scale[start:end].unsqueeze(1), out=scaled_rows[: end - start])
+                d_weight_block.addmm_(du.t(), scaled, alpha=-1.0)
+            if need_bias:
+                d_bias[first:last].addmv_(du.t(), row_scale[start:end], alpha=-1.0)
+        if need_weight and not in_place:
+            d_weight[first:last].copy_(d_weight_block)
+    d_rows = d_rows.mul_(row_scale.neg().unsqueeze(1)).to(rows.dtype) if need_rows else None
+    d_bias = d_bias.to(bias.dtype) if need_bias else None
+    return d_rows, d_weight, d_bias
 
 
 class _Head:
-    """Recomputes chunks of logits z into buffers reused across chunks.
+    """Computes tiles of logits z (rows x a vocabulary block) into buffers reused across tiles.
 
     z is fp32 (fp64 for fp64 inputs). The matmul runs in the input dtype (as the
     same-dtype reference does, and without an fp32 copy of W); bias, softcap and
-    temperature are applied in z's dtype.
+    temperature are applied in z's dtype. Each tile is a contiguous view of the buffers.
     """
 
-    def __init__(self, weight, bias, softcap, temperature, chunk_rows):
-        dtype = torch.promote_types(weight.dtype, torch.float32)
+    def __init__(self, weight, bias, softcap, temperature, rows, width):
+        self.dtype = torch.promote_types(weight.dtype, torch.float32)
         self.weight = weight
-        self.bias = None if bias is None else bias.to(dtype)
+        self.bias = None if bias is None else bias.to(self.dtype)
         self.softcap, self.temperature = softcap, temperature
-        shape = (chunk_rows, weight.shape[0])
-        self.z = torch.empty(shape, dtype=dtype, device=weight.device)
+        self.z = torch.empty(rows * width, dtype=self.dtype, device=weight.device)
         self.tanh = torch.empty_like(self.z) if softcap is not None else None
         self.product = None
-        if weight.dtype != dtype:
-            self.product = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        if weight.dtype != self.dtype:
+            self.product = torch.empty(rows * width, dtype=weight.dtype, device=weight.device)
 
-    def logits(self, x):
-        """(z, tanh(u / softcap) or None) of the rows ``x``; both are views of the buffers."""
-        n = x.shape[0]
-        z = self.z[:n]
+    def logits(self, x, first, last):
+        """(z, tanh(u / softcap) or None) of the rows ``x`` and vocabulary columns ``first:last``."""
+        shape = (x.shape[0], last - first)
+        z = self.z[: shape[0] * shape[1]].view(shape)
         if self.product is None:
-            torch.mm(x, self.weight.t(), out=z)
+            torch.mm(x, self.weight[first:last].t(), out=z)
         else:
-            z.copy_(torch.mm(x, self.weight.t(), out=self.product[:n]))
+            z.copy_(torch.mm(x, self.weight[first:last].t(), out=self.product[: z.numel()].view(shape)))
         if self.bias is not None:
-            z.add_(self.bias)
+            z.add_(self.bias[first:last])
         if self.softcap is None:
             return (z.div_(self.temperature) if self.temperature != 1.0 else z), None
-        tanh = self.tanh[:n]
+        tanh = self.tanh[: z.numel()].view(shape)
         torch.tanh(z.div_(self.softcap), out=tanh)
         return torch.mul(tanh, self.softcap / self.temperature, out=z), tanh
 
@@ -190,7 +231,7 @@ class _Head:
         """``du`` in the weight dtype, for the matmul with W."""
         if self.product is None:
             return du
-        return self.product[: du.shape[0]].copy_(du)
+        return self.product[: du.numel()].view(du.shape).copy_(du)
 
 
 def chunked_token_logprobs(
@@ -231,7 +272,6 @@ def chunked_token_logprobs(
 def scored_token_logprobs(rows, weight, targets, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
     """``chunked_token_logprobs`` without its checks, for callers that validated their inputs
     and kept only scored rows: every target lies in [0, V)."""
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0])
     return _ChunkedTokenLogprobs.apply(rows, weight, targets, bias, softcap, float(temperature), chunk_rows)
 
 
@@ -254,8 +294,8 @@ def logits_logprobs_backward(logits, targets, lse, grad_out, grad_logits, ignore
     scored = (targets != ignore_index).nonzero().squeeze(1)
     grad_logits.zero_()
     for index, z in _scored_chunks(logits, scored, chunk_rows):
-        du = onehot_minus_softmax_(z, targets.index_select(0, index), lse.index_select(0, index))
-        du.mul_(grad_out.index_select(0, index).to(du.dtype).unsqueeze(1))
+        du = softmax_minus_onehot_(z, targets.index_select(0, index), lse.index_select(0, index))
+        du.mul_(grad_out.index_select(0, index).to(du.dtype).neg_().unsqueeze(1))
         grad_logits.index_copy_(0, index, du.to(grad_logits.dtype))
 
 

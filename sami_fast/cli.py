@@ -1,5 +1,5 @@
-"""Command line: ``sami-fast train`` runs SAMI end to end, ``sami-fast demo`` a small run of it, ``sami-fast eval``
-evaluates its policies against the base, ``sami-fast bench`` the benchmarks."""
+"""Command line: sami-fast train runs SAMI end to end, sami-fast demo a small run of it, sami-fast eval
+evaluates its policies against the base, sami-fast bench the benchmarks."""
 
 from __future__ import annotations
 
@@ -10,31 +10,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-from sami_fast import bench
-
-
-def _bench(args) -> int:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+def _bench(argv) -> int:
+    """The benchmark runner lives in the source checkout (``benchmarks/``), not in the installed package."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "benchmarks" / "cli.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        from benchmarks.cli import main as bench_main
+    except ImportError:
+        print("error: sami-fast bench runs the benchmark suite of a source checkout of sami_fast, and this "
+              "installation has none; in a checkout, run `python -m benchmarks --help` from its root "
+              "(or install it editable: pip install -e .)", file=sys.stderr)
         return 2
-    topics = args.topics.split(",") if args.topics else list(bench.TOPICS)
-    print(f"sami-fast bench: device={bench.device_name(device)} size={args.size} "
-          f"torch={torch.__version__} threads={torch.get_num_threads()}")
-    rows = []
-    for topic in topics:
-        print(f"[{topic}]")
-        rows += bench.run_cases(bench.load_cases(topic, device, args.size), device, args.repeats)
-    print()
-    print(bench.format_table(rows))
-    if args.record:
-        bench.append_results(args.record, rows, device)
-        print(f"\nappended results to {args.record}")
-    return 1 if any("error" in r for r in rows) else 0
+    return bench_main(argv, prog="sami-fast bench")
 
 
 # `sami-fast demo`: a small `train` run (one iteration, a few queries) to see SAMI work in a minute or two.
@@ -117,16 +106,8 @@ def _eval(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sami-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("bench", help="time and measure sami_fast against the original SAMI composition")
-    p.add_argument("--topics", default=None,
-                   help=f"comma-separated subset of {','.join(bench.TOPICS)} (default: all)")
-    p.add_argument("--size", choices=("small", "full"), default="small",
-                   help="small: minutes on a 2-core CPU; full: real shapes (CPU: SmolLM2-135M's head D=576, "
-                        "V=49152 and its SAMI step; GPU: bf16 D=4096, V=128256 and Llama-3-8B's architecture)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per case (median reported)")
-    p.add_argument("--record", metavar="CSV", default=None,
-                   help="append rows (kernel, provider, mode, metric, x, y, device, date) to this CSV")
+    sub.add_parser("bench", add_help=False, help="time sami_fast against the original SAMI composition and its "
+                   "peers (from a source checkout; sami-fast bench --help for its options)")
     p = sub.add_parser("train", help="run SAMI: constitutions, self-generated responses, MI training, iterations")
     _add_train_options(p)
     p = sub.add_parser("demo", help="a small SAMI run (train with one iteration on 4 queries, C = 2)")
@@ -135,9 +116,11 @@ def main(argv=None) -> int:
     from sami_fast.evaluation import EvalConfig
 
     _add_config_options(p, EvalConfig)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        return _bench(args)
+        return _bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "eval":
             return _eval(args)

@@ -1,5 +1,7 @@
 """The memory-lean torch path ``chunked_token_logprobs`` against the float64 reference."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -63,7 +65,12 @@ def assert_matches_reference(case, *, dtype=torch.float32, chunk_rows=None, **kw
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 16, None])
 @pytest.mark.parametrize("softcap, temperature", [(None, 1.0), (None, 0.7), (4.0, 1.0), (2.5, 1.3)])
-def test_fp32_matches_fp64_reference(chunk_rows, softcap, temperature):
+@pytest.mark.parametrize("vocab_block", [None, 96])
+def test_fp32_matches_fp64_reference(chunk_rows, softcap, temperature, vocab_block, monkeypatch):
+    """vocab_block: tiles cover 96 vocabulary columns (11 blocks, the last ragged), so the
+    forward merges its log-sum-exp across blocks; by default one block holds all 1001."""
+    if vocab_block is not None:
+        monkeypatch.setattr(chunked, "VOCAB_BLOCK", vocab_block)
     # Odd shapes: D=123 and V=1001 are not powers of two, 7 does not divide N=37.
     assert_matches_reference(make_case(37, 123, 1001, scale=4.0), softcap=softcap, temperature=temperature,
                              chunk_rows=chunk_rows)
@@ -82,10 +89,12 @@ def test_output_is_fp32_and_zero_on_ignored_rows():
     N=st.integers(1, 40), D=st.integers(1, 33), V=st.integers(2, 300), chunk_rows=st.integers(1, 50),
     ignored=st.sampled_from([0.0, 0.5, 0.9]), bias=st.booleans(),
     softcap=st.sampled_from([None, 1.5, 20.0]), temperature=st.floats(0.3, 3.0), seed=st.integers(0, 2**16),
+    vocab_block=st.integers(1, 300),
 )
-def test_random_shapes_match_reference(N, D, V, chunk_rows, ignored, bias, softcap, temperature, seed):
-    assert_matches_reference(make_case(N, D, V, bias=bias, ignored=ignored, scale=3.0, seed=seed),
-                             softcap=softcap, temperature=temperature, chunk_rows=chunk_rows)
+def test_random_shapes_match_reference(N, D, V, chunk_rows, ignored, bias, softcap, temperature, seed, vocab_block):
+    with mock.patch.object(chunked, "VOCAB_BLOCK", vocab_block):
+        assert_matches_reference(make_case(N, D, V, bias=bias, ignored=ignored, scale=3.0, seed=seed),
+                                 softcap=softcap, temperature=temperature, chunk_rows=chunk_rows)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -95,7 +104,7 @@ def test_low_precision_no_worse_than_torch_same_dtype(dtype, softcap, vocab_chun
                                                       monkeypatch):
     """vocab_chunk: the backward's fp32 dW accumulator covers 96 vocabulary rows at a time
     (11 chunks, the last ragged) instead of the default, here all 1001 in one; with
-    chunk_rows=1 its logits blocks hold 10 rows (4 row blocks per chunk)."""
+    chunk_rows=1 each tile holds one row."""
     if vocab_chunk is not None:
         monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", vocab_chunk * 123)
     case = make_case(33, 123, 1001, scale=4.0)
@@ -108,14 +117,22 @@ def test_low_precision_no_worse_than_torch_same_dtype(dtype, softcap, vocab_chun
         assert_no_worse_per_entry(a, s, e, slack=tol * max(1.0, e.abs().max().item()), what=name)
 
 
-def test_peaked_softmax_stays_accurate():
-    # Logits span hundreds: softmax is one-hot up to exp(-100) and naive exp overflows.
+@pytest.mark.parametrize("vocab_block", [None, 32])
+def test_peaked_softmax_stays_accurate(vocab_block, monkeypatch):
+    # Logits span hundreds: softmax is one-hot up to exp(-100) and naive exp overflows; with
+    # 32-column blocks the running maximum jumps by hundreds between blocks.
+    if vocab_block is not None:
+        monkeypatch.setattr(chunked, "VOCAB_BLOCK", vocab_block)
     assert_matches_reference(make_case(20, 16, 257, scale=300.0, bias=False, ignored=0.2), chunk_rows=6)
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-def test_neg_inf_bias_bans_tokens(softcap):
-    """bias -inf on a block of the vocabulary (banned tokens), targets elsewhere."""
+@pytest.mark.parametrize("vocab_block", [None, 64])
+def test_neg_inf_bias_bans_tokens(softcap, vocab_block, monkeypatch):
+    """bias -inf on a block of the vocabulary (banned tokens), targets elsewhere; with
+    64-column tiles the first two vocabulary blocks are -inf throughout."""
+    if vocab_block is not None:
+        monkeypatch.setattr(chunked, "VOCAB_BLOCK", vocab_block)
     rows, weight, bias, targets, grad = make_case(17, 20, 300, scale=3.0, seed=4)
     bias[:128] = -float("inf")
     bias[200:230] = -float("inf")
@@ -227,8 +244,8 @@ def test_backward_inside_autocast_keeps_the_forwards_dtypes():
 
 
 def test_chunked_backward_holds_one_chunk_of_logits_at_a_time(monkeypatch, allocations):
-    """Peak of what the bf16 backward allocates: one vocabulary chunk's logits buffers plus
-    the accumulators and the gradient, never two chunks' buffers at once."""
+    """Peak of what the bf16 backward allocates: one tile's logits buffers plus the
+    accumulators and the gradient, never two tiles' buffers at once."""
     monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", 1000 * 32)  # 4 vocabulary chunks
     gen = torch.Generator().manual_seed(10)
     x = torch.randn(64, 32, generator=gen).bfloat16().requires_grad_()
@@ -236,6 +253,7 @@ def test_chunked_backward_holds_one_chunk_of_logits_at_a_time(monkeypatch, alloc
     out = chunked_token_logprobs(x, w, torch.randint(0, 4000, (64,), generator=gen), chunk_rows=16)
     with allocations() as log:
         out.sum().backward()
-    logits_buffers = 64 * 1000 * (4 + 2)  # fp32 z and the bf16 product of one chunk (all 64 rows in a block)
-    accumulators = 64 * 32 * 4 + 1000 * 32 * 4 + 4000 * 32 * 2  # fp32 dx, fp32 dW chunk, bf16 dW
+    logits_buffers = 16 * 1000 * (4 + 2)  # fp32 z and the bf16 product of one tile (chunk_rows rows of a chunk)
+    # fp32 dx, fp32 dW chunk, bf16 dW, the tile's rows scaled by their upstream gradient (fp32)
+    accumulators = 64 * 32 * 4 + 1000 * 32 * 4 + 4000 * 32 * 2 + 16 * 32 * 4
     assert logits_buffers + accumulators <= log.peak_bytes < 2 * logits_buffers + accumulators

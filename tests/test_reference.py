@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.suites.loss import original_batched_sami_loss
+from benchmarks.suites.loss import original_sami_loss as benchmarked_original
 from sami_fast import reference
-from sami_fast.bench.mi_loss import original_batched_sami_loss
-from sami_fast.bench.mi_loss import original_sami_loss as benchmarked_original
 
 
 def original_sami_loss(logprobs):

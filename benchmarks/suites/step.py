@@ -1,8 +1,8 @@
-"""One SAMI training step (matrix + loss + backward) on SmolLM2: original style vs shared prefix.
+"""Suite ``step``: one SAMI training step (matrix + loss + backward), original style vs shared prefix.
 
-Providers, on the same model and data:
+Candidates, on the same model and data:
 
-* ``original``: all C*R sequences ``prompt_k ++ response_j`` in one right-padded
+* ``original`` (original-style): all C*R sequences ``prompt_k ++ response_j`` in one right-padded
   forward, full fp32 logits, the original ``get_batch_logprobs`` (mean over the
   response tokens) and ``sami_loss`` from ``sami_fast.reference``, backward;
 * ``sami_fast``: ``sami_loss(logprob_matrix(...))`` and backward (each prompt
@@ -12,11 +12,15 @@ Providers, on the same model and data:
 
 Sizes: on CPU "full" is the real SmolLM2-135M-Instruct (fp32), prompts ~256 and
 responses ~48 tokens, C = R in {2, 4, 8} (and 16 for the gradient cache);
-"small" keeps SmolLM2's widths and vocabulary but 2 random-weight layers,
-prompts ~128 and responses ~24 tokens, C = R in {2, 4}: quick enough for CPU.
+"quick" keeps SmolLM2's widths and vocabulary but 2 random-weight layers,
+prompts ~128 and responses ~24 tokens, C = R in {2, 4}: quick enough for CPU ("quick").
+No other library implements this step, so the suite has no peer. The gate checks the
+loss and the gradients of the final norm, the last layer's MLP output projection and the
+(tied) embedding against the float64 twin of the model running the plain full-sequence
+computation (``tests/oracle.py``), with the same computation in fp32 as plain.
 On CUDA the model is Llama-3-8B's architecture in bf16 with random weights
-(all 32 layers for "full", 2 for "small"): real shapes without a download.
-Each case's ``notes["ideal_speedup"]`` is the token-count ratio
+(all 32 layers for "full", 2 for "quick"): real shapes without a download.
+Each case's name states the ideal speed-up, the token-count ratio
 C*R*(Lp+Lr) / (C*Lp + C*R*Lr) that sharing the prompts can at most give.
 """
 
@@ -24,14 +28,13 @@ import functools
 
 import torch
 
+from benchmarks.runner import Candidate, Case, CaseSkipped, available_memory_bytes, sami_fast_backends, with_backend
 from sami_fast import logprob_matrix, reference, sami_backward, sami_loss
-from sami_fast.bench import Case, CaseSkipped, available_memory_bytes
 from sami_fast.hf import load_smollm2
 
-KERNEL = "sami_step"
 SIZES = {
     # size: (Cs, gradcache Cs, prompt length, response length, B)
-    "small": ((2, 4), (4,), 128, 24, 1),
+    "quick": ((2, 4), (4,), 128, 24, 1),
     "full": ((2, 4, 8), (4, 16), 256, 48, 1),
 }
 
@@ -108,6 +111,7 @@ _ORIGINAL_PEAK_OVER_LOGITS = 10
 
 
 def _original_step(model, prompts, responses):
+    """The original trainer's step: every prompt ++ response sequence right-padded in one batch."""
     B, C = len(prompts), len(prompts[0])
     input_ids, attention_mask, labels = _original_batch(prompts, responses, pad_id=0)
     device = input_ids.device.type
@@ -130,6 +134,8 @@ def _original_step(model, prompts, responses):
 
 
 def _fast_step(model, prompts, responses):
+    """sami_fast: each prompt once, its keys/values shared by the responses, no logits tensor."""
+
     def run():
         model.zero_grad(set_to_none=True)
         loss = sami_loss(logprob_matrix(model, prompts, responses))
@@ -140,6 +146,8 @@ def _fast_step(model, prompts, responses):
 
 
 def _gradcache_step(model, prompts, responses):
+    """sami_fast's gradient cache: one prompt's R responses per chunk."""
+
     def run():
         model.zero_grad(set_to_none=True)
         return sami_backward(model, prompts, responses, micro_batch_size=len(responses[0]))[0]
@@ -147,34 +155,78 @@ def _gradcache_step(model, prompts, responses):
     return run
 
 
-STEPS = {"original": _original_step, "sami_fast": _fast_step, "sami_fast_gradcache": _gradcache_step}
 
 
-def _case(provider: str, size: str, device: str, C: int) -> Case:
-    _, _, prompt_length, response_length, B = SIZES[size]
-    Lp, Lr = prompt_length, response_length
-    ideal = C * C * (Lp + Lr) / (C * Lp + C * C * Lr)
+def _checked_parameters(model) -> list[str]:
+    """The parameters whose gradients the gate compares: the first (the embedding, tied to the
+    head on SmolLM2), one in the middle and the last."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    return list(dict.fromkeys([names[0], names[len(names) // 2], names[-1]]))
 
+
+def _candidate(name, role, step, size, device, C, backend=None, unavailable=None):
     def setup():
         model = _model(size, device)
-        prompts, responses = _data(B, C, Lp, Lr, model.config.vocab_size, device)
-        return STEPS[provider](model, prompts, responses)
+        prompts, responses = _data(*_problem(size, C), model.config.vocab_size, device)
+        run_step = step(model, prompts, responses)
+        parameters = dict(model.named_parameters())
+        checked = _checked_parameters(model)
 
-    return Case(
-        kernel=KERNEL,
-        provider=provider,
-        x=f"C=R={C} Lp={Lp} Lr={Lr} ideal x{ideal:.2f}",
-        setup=setup,
-        notes={"C": C, "prompt_length": Lp, "response_length": Lr, "ideal_speedup": ideal, "size": size},
-    )
+        def run():
+            loss = with_backend(backend, run_step) if backend else run_step()
+            results = (loss.detach(), *(parameters[n].grad for n in checked))
+            model.zero_grad(set_to_none=True)  # the caller holds the checked ones: a run's peak includes them
+            return results
+
+        return run
+
+    return Candidate(name, role, None if unavailable else setup, unavailable)
+
+
+def _problem(size, C):
+    _, _, prompt_length, response_length, B = SIZES[size]
+    return B, C, prompt_length, response_length
+
+
+def _reference(size, device, C):
+    def compute():
+        from tests.oracle import fp64_twin, full_sequence_grads
+
+        model = _model(size, device)
+        B, _, Lp, Lr = _problem(size, C)
+        # The plain computation keeps every sequence's fp64 logits and log-softmax for its backward.
+        estimate = 3 * B * C * C * (Lp + Lr) * model.config.vocab_size * 8
+        if estimate > available_memory_bytes(device):
+            raise CaseSkipped(f"the float64 reference needs ~{estimate / 2**30:.0f} GiB")
+        prompts, responses = _data(B, C, Lp, Lr, model.config.vocab_size, device)
+        checked = _checked_parameters(model)
+        out = []
+        for twin in (fp64_twin(model), model):
+            grads, matrix = full_sequence_grads(twin, reference.sami_loss, prompts, responses, checked)
+            out.append((reference.sami_loss(matrix), *(grads[n] for n in checked)))
+            twin.zero_grad(set_to_none=True)
+        return out[0], out[1], (None,) * len(out[0])
+
+    return compute
 
 
 def cases(device: str, size: str) -> list[Case]:
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     Cs, gradcache_Cs = SIZES[size][:2]
+    backends = sami_fast_backends(device)
     out = []
-    for C in Cs:
-        out += [_case("original", size, device, C), _case("sami_fast", size, device, C)]
-    out += [_case("sami_fast_gradcache", size, device, C) for C in gradcache_Cs]
+    for C in sorted(set(Cs) | set(gradcache_Cs)):
+        _, _, Lp, Lr = _problem(size, C)
+        ideal = C * C * (Lp + Lr) / (C * Lp + C * C * Lr)
+        candidates = [_candidate("original", "original", _original_step, size, device, C)] if C in Cs else []
+        for backend, reason in backends.items():
+            if C in Cs:
+                candidates.append(_candidate(f"sami_fast[{backend}]", "sami_fast", _fast_step, size, device, C,
+                                             backend, reason))
+            if C in gradcache_Cs:
+                candidates.append(_candidate(f"sami_backward[{backend}]", "sami_fast", _gradcache_step, size,
+                                             device, C, backend, reason))
+        out.append(Case("step", "sami_step", f"C=R={C} Lp={Lp} Lr={Lr} ideal x{ideal:.2f}", candidates,
+                        _reference(size, device, C), params={"C": C}, result_names=("loss", "grad (embedding)", "grad (middle)", "grad (last)")))
     return out

@@ -1,0 +1,1 @@
+"""Benchmark suites: each module's ``cases(device, size)`` returns ``benchmarks.runner.Case`` objects."""
