@@ -3,17 +3,26 @@
 A SAMI matrix scores every response j of a query under every principle prompt k.
 Running ``prompt_k ++ response_j`` for all C*R pairs repeats each prompt R times;
 here each prompt runs once (``run_prompts``) and the R responses attend to its
-per-layer keys/values (``score_responses``), which are index-selected (so the
-gradient flows back into the prompt's keys and values) into a fresh cache per
-call. The LM head is applied only where a response token is predicted: at the
-prompt's last position (it predicts the first response token) and at the
-response positions, through the fused ``sequence_logprobs`` (no logits tensor).
+per-layer keys/values (``score_responses``). With sdpa or eager attention the
+responses of one prompt are packed one after another into a row that continues
+the prompt's cache, ``[prompt | r_1 | ... | r_R]``, under a 4D mask: response i
+attends to the prompt and causally to itself only, its positions start at the
+prompt's length. The prompt's keys and values are then read by all its
+responses without a per-pair copy (the gradient of all of them reaches them
+through the cache). Other attention implementations, and attention that reads
+the key's index (ALiBi), get one row per pair on an index-selected copy of the
+prompt's cache. The LM head is applied only where a response token is
+predicted: at the prompt's last position (it predicts the first response token)
+and at the response positions, through the fused ``sequence_logprobs`` (no
+logits tensor).
 
 Prompts are left-padded: every prompt ends at the same cache index and its
-responses follow it directly, so within a row the cache indices of the keys
+responses follow it, so within a one-pair row the cache indices of the keys
 differ from their true positions by one constant. Attention that depends on the
 key index (MPT's ALiBi) or on index differences (sliding windows) is then exact;
 RoPE and learned positions get the true positions through ``position_ids``.
+Packed rows take the mask as given (no window is applied), which is exact since
+``check_lengths`` refuses any prompt + response longer than a window.
 
 Exact or refused: an architecture is scored only when this is exact. Model types
 in ``VERIFIED_MODEL_TYPES`` are tested in the suite (``tests/test_architectures.py``);
@@ -55,6 +64,13 @@ _SELF_CHECKED_ON_TRANSFORMERS_4 = frozenset({"mpt", "deepseek_v3"})
 _LOGIT_RESCALING = {"logits_scaling": "divide", "logit_scale": "multiply"}
 _LOGIT_RESCALING_BY_TYPE = {"hyperclovax": {"logits_scaling": "multiply"}}
 
+# Model types whose attention adds a bias on the key's index in the row (ALiBi; Falcon with config.alibi): a
+# response packed after others would see its own keys shifted, so each pair gets a row of its own.
+_KEY_INDEX_BIAS_MODEL_TYPES = frozenset({"mpt", "bloom"})
+
+# Attention implementations that take a custom 4D mask as given (boolean for sdpa, additive for eager).
+_PACKING_ATTENTION = frozenset({"sdpa", "eager"})
+
 # Multiple of the dtype's rounding unit (times the magnitude of the logits and the score) within which the
 # self-check accepts the shared-prefix score of a pair as equal to its full-sequence score. See self_check.
 SELF_CHECK_ULPS = 64
@@ -80,6 +96,7 @@ class CausalLMParts:
     max_positions: int | None
     cache_keyword: str  # "cache" (transformers >= 5) or "past_key_values"
     takes_cache_position: bool  # transformers 4.x wants explicit cache_position
+    packs_responses: bool  # responses of one prompt share a row under a 4D mask (see score_responses)
     verified: bool  # a model type of VERIFIED_MODEL_TYPES in transformers' own class: no self-check
 
 
@@ -138,6 +155,12 @@ def _verified(model, model_type) -> bool:
     return model_type in VERIFIED_MODEL_TYPES and type(model).__module__.startswith("transformers.")
 
 
+def _packs_responses(config, model_type) -> bool:
+    """Whether responses can share their prompt's row: a 4D mask is taken as given, no ALiBi on the key index."""
+    alibi = model_type in _KEY_INDEX_BIAS_MODEL_TYPES or getattr(config, "alibi", False) is True
+    return getattr(config, "_attn_implementation", None) in _PACKING_ATTENTION and not alibi
+
+
 def causal_lm_parts(model) -> CausalLMParts:
     """The decoder, head and limits of a causal LM; refuses structures that cannot be scored exactly."""
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
@@ -172,6 +195,7 @@ def causal_lm_parts(model) -> CausalLMParts:
         max_positions=getattr(config, "max_position_embeddings", None),
         cache_keyword=cache_keyword(decoder),
         takes_cache_position="cache_position" in parameters,
+        packs_responses=_packs_responses(config, model_type),
         verified=_verified(model, model_type),
     )
 
@@ -240,8 +264,10 @@ def _decoder_forward(parts: CausalLMParts, tokens, attention_mask, position_ids,
     kwargs = {parts.cache_keyword: cache}
     if parts.takes_cache_position:
         kwargs["cache_position"] = torch.arange(past_length, past_length + tokens.shape[1], device=tokens.device)
+    if attention_mask.dim() == 2:  # a padding mask; a 4D mask goes in as built
+        attention_mask = attention_mask.long()
     out = parts.decoder(
-        input_ids=tokens, attention_mask=attention_mask.long(), position_ids=position_ids, use_cache=True, **kwargs
+        input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kwargs
     )
     return out.last_hidden_state
 
@@ -281,6 +307,96 @@ def run_prompts(parts: CausalLMParts, prompts, pad_id: int) -> PromptStates:
     return PromptStates(keys=keys, values=values, last_hidden=hidden[:, -1], lengths=lengths, padding_mask=mask)
 
 
+@dataclass
+class _ResponseRows:
+    """How the fed response tokens (each response without its last token) are laid out in the response pass."""
+
+    row_prompt: torch.Tensor  # (rows,) the prompt whose cache row r continues
+    tokens: torch.Tensor  # (rows, width) ids, pad_id on padding
+    pair: torch.Tensor  # (rows, width) the pair each token belongs to, -1 on padding
+    step: torch.Tensor  # (rows, width) index of each token within its response
+    pair_start: torch.Tensor  # (n,) flat index row * width + offset of each pair's first fed token
+
+
+def _response_rows(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int,
+                   always_run_decoder: bool):
+    """The rows of the response pass, or None when nothing is fed.
+
+    Packed (``parts.packs_responses``): the pairs of one prompt follow one another
+    in a row, up to max(prompt width, longest fed response) tokens a row, so that
+    the masked-out attention between the responses of a row stays within the
+    prompt part's cost. Otherwise: one row per pair.
+    """
+    device = parts.head_weight.device
+    fed = [len(r) - 1 for r in responses]
+    prompt_of = pair_prompt.tolist()
+    groups, row_prompts = [], []
+    if parts.packs_responses:
+        capacity = max(states.padding_mask.shape[1], max(fed))
+        open_rows = {}  # prompt -> (index of its row being filled, tokens in it)
+        for i, (k, length) in enumerate(zip(prompt_of, fed)):
+            if length == 0:
+                continue
+            row, used = open_rows.get(k, (None, capacity))
+            if used + length > capacity:
+                row, used = len(groups), 0
+                groups.append([])
+                row_prompts.append(k)
+            groups[row].append(i)
+            open_rows[k] = (row, used + length)
+    else:
+        groups = [[i] for i, length in enumerate(fed) if length > 0]
+        row_prompts = [prompt_of[i] for i in range(len(fed)) if fed[i] > 0]
+    if not groups:
+        if not always_run_decoder:
+            return None
+        groups, row_prompts = [[]], [0]  # one masked padding token: every rank makes the same layer calls
+    width = max(1, max(sum(fed[i] for i in group) for group in groups))
+    tokens = torch.full((len(groups), width), pad_id, dtype=torch.long, device=device)
+    pair = torch.full((len(groups), width), -1, dtype=torch.long)
+    step = torch.zeros((len(groups), width), dtype=torch.long)
+    pair_start = torch.zeros(len(fed), dtype=torch.long)
+    for row, group in enumerate(groups):
+        offset = 0
+        for i in group:
+            tokens[row, offset : offset + fed[i]] = responses[i][:-1]
+            pair[row, offset : offset + fed[i]] = i
+            step[row, offset : offset + fed[i]] = torch.arange(fed[i])
+            pair_start[i] = row * width + offset
+            offset += fed[i]
+    return _ResponseRows(row_prompt=torch.tensor(row_prompts, device=device), tokens=tokens, pair=pair.to(device),
+                         step=step.to(device), pair_start=pair_start.to(device))
+
+
+def _packed_mask(parts: CausalLMParts, states: PromptStates, rows: _ResponseRows, dtype) -> torch.Tensor:
+    """(rows, 1, width, prompt width + width) attention mask: a response token sees its prompt's real tokens and
+    the tokens of its own response up to itself; a padding token only itself (no empty softmax row).
+    Boolean (True = attend) for sdpa, additive in ``dtype`` for eager."""
+    width = rows.tokens.shape[1]
+    index = torch.arange(width, device=rows.pair.device)
+    real = rows.pair >= 0
+    own = (rows.pair[:, :, None] == rows.pair[:, None, :]) & (index[:, None] >= index[None, :]) & real[:, :, None]
+    own |= torch.eye(width, dtype=torch.bool, device=own.device)
+    prompt = states.padding_mask.index_select(0, rows.row_prompt)[:, None, :] & real[:, :, None]
+    mask = torch.cat([prompt, own], dim=2)[:, None]
+    if parts.config._attn_implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _row_cache(parts: CausalLMParts, states: PromptStates, row_prompt):
+    """A fresh cache holding, for each row, its prompt's keys and values (the prompts' own tensors when the rows
+    are the prompts in order, else index-selected: the gradient flows back either way)."""
+    identity = len(row_prompt) == states.last_hidden.shape[0] and bool(
+        (row_prompt == torch.arange(len(row_prompt), device=row_prompt.device)).all())
+    cache = _new_cache(parts.config)
+    for layer, (k, v) in enumerate(zip(states.keys, states.values)):
+        if k is not None:
+            cache.update(*((k, v) if identity else (k.index_select(0, row_prompt), v.index_select(0, row_prompt))),
+                         layer)
+    return cache
+
+
 def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int, reduction="mean",
                     always_run_decoder=False):
     """Mean (``reduction="sum"``: summed) log-prob of ``responses[i]`` given prompt ``pair_prompt[i]``: shape (n,).
@@ -288,35 +404,38 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
     Response i is fed without its last token (which predicts nothing); its first
     token is predicted by the prompt's last hidden state, so each pair is the
     packed row sequence ``[last_hidden[prompt], h_0 .. h_{L-2}]`` with targets
-    ``y_0 .. y_{L-1}``. The result is not checked for finiteness (callers name the pair).
-    When every response has one token nothing is fed, unless ``always_run_decoder``
-    (FSDP2 ranks must run the same layer calls): then a masked padding token is, and
-    its (unused) rows get zero gradient.
+    ``y_0 .. y_{L-1}``. The fed tokens run in one decoder call, as rows that
+    continue their prompt's cache (``_response_rows``). The result is not checked
+    for finiteness (callers name the pair). When every response has one token
+    nothing is fed, unless ``always_run_decoder`` (FSDP2 ranks must run the same
+    layer calls): then a masked padding token is, and its (unused) row gets zero
+    gradient.
     """
     device = parts.head_weight.device
-    n = len(responses)
     n_prompts = states.last_hidden.shape[0]
-    rows = states.last_hidden
-    feed_width = max(max(len(r) for r in responses) - 1, 1 if always_run_decoder else 0)
-    if feed_width > 0:
-        tokens, mask, _ = _pad([r[:-1] for r in responses], pad_id, device, width=feed_width)
+    hidden_rows = states.last_hidden
+    rows = _response_rows(parts, states, pair_prompt, responses, pad_id, always_run_decoder)
+    if rows is not None:
         past_length = states.padding_mask.shape[1]
-        cache = _new_cache(parts.config)
-        for layer, (k, v) in enumerate(zip(states.keys, states.values)):
-            if k is not None:
-                cache.update(k.index_select(0, pair_prompt), v.index_select(0, pair_prompt), layer)
-        attention_mask = torch.cat([states.padding_mask.index_select(0, pair_prompt), mask], dim=1)
-        positions = states.lengths.index_select(0, pair_prompt)[:, None] + torch.arange(feed_width, device=device)
-        hidden = _decoder_forward(parts, tokens, attention_mask, positions, cache, past_length)
-        rows = torch.cat([rows, hidden.reshape(n * feed_width, -1)])
+        if parts.packs_responses:
+            attention_mask = _packed_mask(parts, states, rows, hidden_rows.dtype)
+        else:
+            attention_mask = torch.cat([states.padding_mask.index_select(0, rows.row_prompt), rows.pair >= 0], dim=1)
+        positions = states.lengths.index_select(0, rows.row_prompt)[:, None] + rows.step
+        cache = _row_cache(parts, states, rows.row_prompt)
+        hidden = _decoder_forward(parts, rows.tokens, attention_mask, positions, cache, past_length)
+        hidden_rows = torch.cat([hidden_rows, hidden.reshape(-1, hidden.shape[-1])])
     lengths = torch.tensor([len(r) for r in responses], device=device)
-    pair = torch.repeat_interleave(torch.arange(n, device=device), lengths)
+    pair = torch.repeat_interleave(torch.arange(len(responses), device=device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     step = torch.arange(len(pair), device=device) - starts[pair]
-    row_index = torch.where(step == 0, pair_prompt[pair], n_prompts + pair * feed_width + step - 1)
+    if rows is None:
+        row_index = pair_prompt[pair]
+    else:
+        row_index = torch.where(step == 0, pair_prompt[pair], n_prompts + rows.pair_start[pair] + step - 1)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
     return sequence_logprobs(
-        rows.index_select(0, row_index),
+        hidden_rows.index_select(0, row_index),
         parts.head_weight,
         torch.cat(list(responses)),
         shift=False,
@@ -382,11 +501,12 @@ def _eval_mode(model):
 
 
 def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> None:
-    """Score ``responses[i]`` after ``prompts[i]`` (i = 0, 1) both ways; refuse the model if they disagree.
+    """Score both ``responses`` after both ``prompts`` both ways; refuse the model if they disagree.
 
     The two prompts run left-padded in one batch (so the shorter one is offset in
-    the cache, as in a real batch) and both pairs run in one response pass; the
-    reference is each concatenated sequence through ``model(...).logits``. In
+    the cache, as in a real batch) and the four pairs run in one response pass
+    (packed two to a row where the model packs responses); the reference is each
+    concatenated sequence through ``model(...).logits``. In
     eval mode, without gradients, with the RNG state restored afterwards.
 
     Rule: |shared - full| <= SELF_CHECK_ULPS * eps(dtype) * (max |logit| + |score|).
@@ -412,8 +532,10 @@ def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> 
             devices=[device] if device.type == "cuda" else []
         ):
             states = run_prompts(parts, prompts, pad_id)
-            shared = score_responses(parts, states, torch.arange(2, device=device), responses, pad_id)
-            full, largest = _full_sequence_scores(model, prompts, responses)
+            pair_prompt = torch.tensor([0, 0, 1, 1], device=device)
+            pair_responses = [responses[0], responses[1]] * 2
+            shared = score_responses(parts, states, pair_prompt, pair_responses, pad_id)
+            full, largest = _full_sequence_scores(model, [prompts[i] for i in pair_prompt.tolist()], pair_responses)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as error:  # the model cannot run what scoring needs: refused (not cached, it may be the input)
@@ -425,7 +547,7 @@ def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> 
     difference = (shared.double() - full.double()).abs().max().item()
     if not difference <= allowed:  # NaN fails too
         _CHECKED[model] = UnsupportedArchitectureError(
-            f"{parts.architecture} is not in the verified list and failed the self-check: on two pairs of this "
+            f"{parts.architecture} is not in the verified list and failed the self-check: on four pairs of this "
             f"batch, shared-prefix scores differ from full-sequence scores by {difference:.3e} (allowed {allowed:.1e}, "
             f"{SELF_CHECK_ULPS} x the {dtype} rounding level); its attention or head depends on something shared "
             "prompts cannot reproduce (absolute key positions, a non-causal layer, a logit rescaling under another "

@@ -118,13 +118,25 @@ def _self_check_sample(pairs: _Pairs) -> tuple:
     return [short, longest], [responses[-1], responses[0]]
 
 
-def _check_finite(model, pairs: _Pairs, scores: torch.Tensor, start: int) -> None:
+def _check_finite(model, pairs: _Pairs, scores: torch.Tensor, start: int, reduction: str, search=True) -> None:
     """Raise if a score of pairs [start, start + len(scores)) is NaN or inf, naming its query, prompt and
-    response and whether a weight or the hidden states are to blame (one host sync; the search only on failure)."""
+    response and whether a weight or the hidden states are to blame (one host sync; the search only on failure).
+
+    Responses packed in one row share its attention, so a non-finite hidden state of one makes its row-mates'
+    scores NaN too (a zero attention weight times a NaN value): with ``search`` the pair named is the first whose
+    score is non-finite when scored alone. Without it (FSDP2, where a lone forward would be a collective the
+    other ranks do not join) the first non-finite score is named.
+    """
     finite = torch.isfinite(scores.detach())
     if bool(finite.all()):
         return
-    index = start + int((~finite).nonzero()[0, 0])
+    candidates = (start + (~finite).nonzero()[:, 0]).tolist()
+    index = candidates[0]
+    if search:
+        parts = causal_lm_parts(model)
+        with torch.no_grad(), layer_checkpointing_off(model):
+            alone = (i for i in candidates if not bool(torch.isfinite(_chunk_scores(parts, pairs, i, i + 1, reduction))))
+            index = next(alone, index)
     _, C, R = pairs.shape
     b, k, j = index // (C * R), index // R % C, index % R
     tensors = list(model.named_parameters()) + list(model.named_buffers())
@@ -179,7 +191,7 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     and re-runs the prompts it needs.
 
     Architectures: a model type outside ``sami_fast.hf.VERIFIED_MODEL_TYPES`` is
-    self-checked on two pairs of its first batch (``sami_fast.hf.self_check``);
+    self-checked on four pairs of its first batch (``sami_fast.hf.self_check``);
     ``self_check=False`` skips that. A structure that cannot be scored exactly, or
     a failed self-check, raises ``sami_fast.hf.UnsupportedArchitectureError``. A
     NaN/inf score raises ``FloatingPointError`` naming its (query, prompt, response).
@@ -210,7 +222,7 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
         for s, e in chunks
     ]
     for (start, _), chunk in zip(chunks, scores):
-        _check_finite(model, pairs, chunk, start)
+        _check_finite(model, pairs, chunk, start, reduction)
     return torch.cat(scores).reshape(pairs.shape)
 
 
@@ -392,7 +404,7 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
             for start, stop in chunks:
                 replay.append(_rng_state(device))
                 pieces.append(scorer(pairs, start, stop, reduction))
-                _check_finite(model, pairs, pieces[-1], start)
+                _check_finite(model, pairs, pieces[-1], start, reduction, search=not _is_fsdp_module(scorer))
             for _ in range(padding):
                 scorer(pairs, *chunks[-1], reduction)
         matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig, LlamaModel
 
 import sami_fast.hf
+import sami_fast.prefix
 from oracle import (K_MODEL_GRADS, assert_grads_oracle_close, assert_matrix_oracle_close,
                     assert_model_grads_oracle_close, assert_stats_oracle_close, fp64_twin, full_sequence_grads,
                     grads_after, oracle_excess, parameter_grads)
@@ -160,28 +161,50 @@ def _decoder_batches(model, run):
     return calls
 
 
-def test_one_forward_for_all_prompts_and_one_for_all_responses():
+def test_one_forward_for_all_prompts_and_one_row_of_responses_per_prompt():
     B, C, R = 2, 3, 2
     prompts, responses = random_problem(torch.Generator().manual_seed(9), B, C, R)
     calls = _decoder_batches(_LLAMA, lambda: logprob_matrix(_LLAMA, prompts, responses))
     longest_prompt = max(len(p) for group in prompts for p in group)
-    longest_response = max(len(r) for group in responses for r in group)
-    # Each prompt runs once; each response runs without its last token (it predicts nothing).
-    assert calls == [(B * C, longest_prompt), (B * C * R, longest_response - 1)]
+    # Each response runs without its last token (it predicts nothing), after the others of its prompt in one row.
+    row_width = max(sum(len(r) - 1 for r in group) for group in responses)
+    assert row_width <= longest_prompt  # a row holds up to the prompt width: here all R responses
+    assert calls == [(B * C, longest_prompt), (B * C, row_width)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_responses_beyond_a_row_continue_in_further_rows(attn):
+    # Rows hold up to max(prompt width, longest fed response) tokens: 3 responses of 4 fed tokens after prompts of
+    # at most 5 take one row each, a shorter one shares a row; scores and gradients stay exact.
+    model = tiny_llama(attn)
+    generator = torch.Generator().manual_seed(12)
+    prompts = [[torch.randint(0, VOCAB, (n,), generator=generator) for n in (3, 5)]]
+    responses = [[torch.randint(0, VOCAB, (n,), generator=generator) for n in (5, 5, 2, 5)]]
+    weights = torch.randn(1, 2, 4)
+    calls = _decoder_batches(model, lambda: logprob_matrix(model, prompts, responses))
+    assert calls == [(2, 5), (2 * 3, 5)]  # per prompt: [r0], [r1 r2], [r3]
+    twin = fp64_twin(model)
+    got = parameter_grads(model, lambda: (logprob_matrix(model, prompts, responses) * weights).sum())
+    assert_model_grads_oracle_close(got, model, lambda m: (m * weights).sum(), prompts, responses, twin=twin)
 
 
 @pytest.mark.parametrize("micro_batch_size", [2, 3])
-def test_sami_backward_never_runs_more_than_a_chunk(micro_batch_size):
+def test_sami_backward_never_runs_more_than_a_chunk(micro_batch_size, monkeypatch):
     # Constant memory: every forward of the gradient cache holds at most one chunk of pairs
     # (and the prompts that chunk needs), however large C*R is.
     B, C = 1, 4
     prompts, responses = random_problem(torch.Generator().manual_seed(10), B, C, C)
+    scored = []
+    score = sami_fast.prefix.score_responses
+    monkeypatch.setattr(sami_fast.prefix, "score_responses",
+                        lambda parts, states, pair_prompt, *args, **kwargs: scored.append(len(pair_prompt))
+                        or score(parts, states, pair_prompt, *args, **kwargs))
     calls = _decoder_batches(
         _LLAMA, lambda: sami_backward(_LLAMA, prompts, responses, micro_batch_size=micro_batch_size)
     )
     assert calls and max(sequences for sequences, _ in calls) <= micro_batch_size
-    scored_pairs = sum(n for n, _ in calls[1::2])  # prompt pass, response pass, ... per chunk
-    assert scored_pairs == 2 * B * C * C  # every pair once without a graph and once with
+    assert max(scored) <= micro_batch_size
+    assert sum(scored) == 2 * B * C * C  # every pair once without a graph and once with
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
