@@ -10,7 +10,7 @@ Steps (each: matrix + SAMI loss + backward, gradients from zero):
 * ``logprob_matrix``: ``sami_loss(logprob_matrix(...)).backward()``;
 * ``sami_backward``: ``sami_backward(..., micro_batch_size=16)``;
 * ``original``: all C*R ``prompt ++ response`` sequences with full logits
-  (``sami_fast.bench.sami_step``); skipped where it would not fit in memory.
+  (``benchmarks.suites.step``); skipped where it would not fit in memory.
 
 Times: one process, the steps interleaved (round-robin over sizes and steps),
 median of ``--rounds``. Peak memory: each (step, C) once in a fresh subprocess,
@@ -30,8 +30,8 @@ import time
 import torch
 
 from sami_fast import sami_backward, sami_loss
-from sami_fast.bench import CaseSkipped, _configure_malloc, _cpu_peak_mb, _status_kib
-from sami_fast.bench.sami_step import _fast_step, _original_step
+from benchmarks.runner import CaseSkipped, _status_kib, peak_memory_mb
+from benchmarks.suites.step import _fast_step, _original_step
 from sami_fast.hf import load_smollm2
 from sami_fast.sequence_logprobs import sequence_logprobs
 
@@ -134,14 +134,13 @@ def timings(sizes, rounds: int, steps) -> dict:
 
 
 def peak_in_this_process(name: str, C: int) -> dict:
-    _configure_malloc()
     model = _model()
     try:
         run = _setup(model, name, C)
     except CaseSkipped as skipped:
         return {"skipped": str(skipped)}
     start, cpu = time.perf_counter(), time.process_time()
-    extra = _cpu_peak_mb(run)
+    extra = peak_memory_mb(run, "cpu")
     return {"extra_mb": extra, "vmhwm_mb": _status_kib("VmHWM") / 1024, "seconds": time.perf_counter() - start,
             "cpu_seconds": time.process_time() - cpu}
 
