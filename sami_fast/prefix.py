@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from sami_fast.backend import check_backend
 from sami_fast.hf import (
     causal_lm_parts,
     check_lengths,
@@ -27,7 +28,7 @@ from sami_fast.hf import (
     score_responses,
 )
 from sami_fast.loss import sami_loss
-from sami_fast.validation import check_tensor
+from sami_fast.validation import check_positive_int, check_tensor
 
 SCORE_REDUCTIONS = ("mean", "sum")
 
@@ -42,6 +43,7 @@ class _Pairs:
     pair_prompt: torch.Tensor  # (B*C*R,) index into prompts
     pair_response: list  # (B*C*R,) index into responses
     pad_id: int
+    backend: str | None = None  # of the fused head and the loss, as in ``sequence_logprobs``
 
 
 def _token_groups(name: str, groups, vocab_size: int):
@@ -70,7 +72,7 @@ def _token_groups(name: str, groups, vocab_size: int):
     return flat, width, longest
 
 
-def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
+def _pairs(parts, prompts, responses, pad_token_id, backend=None) -> _Pairs:
     flat_prompts, C, prompt_max = _token_groups("prompts", prompts, parts.vocab_size)
     flat_responses, R, response_max = _token_groups("responses", responses, parts.vocab_size)
     B = len(prompts)
@@ -101,6 +103,7 @@ def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
         pair_prompt=(b * C + k).reshape(-1).to(device),
         pair_response=(b * R + j).reshape(-1).tolist(),
         pad_id=pad_id,
+        backend=backend,
     )
 
 
@@ -140,8 +143,7 @@ def _check_finite(model, pairs: _Pairs, scores: torch.Tensor, start: int) -> Non
 def _chunks(n_pairs: int, micro_batch_size):
     if micro_batch_size is None:
         return [(0, n_pairs)]
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be a positive int (pairs per chunk), got {micro_batch_size!r}")
+    check_positive_int("micro_batch_size", micro_batch_size, meaning="pairs per chunk")
     return [(s, min(s + micro_batch_size, n_pairs)) for s in range(0, n_pairs, micro_batch_size)]
 
 
@@ -161,7 +163,7 @@ def _check_reduction(reduction) -> None:
 
 
 def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None, reduction="mean",
-                   self_check=True) -> torch.Tensor:
+                   self_check=True, backend=None) -> torch.Tensor:
     """(B, C, R) SAMI scores: ``[b, k, j]`` = mean log-prob of ``responses[b][j]`` given ``prompts[b][k]``.
 
     ``prompts``: B lists of C 1-D LongTensors (principle + query ids, BOS
@@ -185,10 +187,11 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     NaN/inf score raises ``FloatingPointError`` naming its (query, prompt, response).
     """
     _check_reduction(reduction)
+    check_backend(backend)
     given = model
     scorer, model = _scorer_and_model(model)
     parts = causal_lm_parts(model)
-    pairs = _pairs(parts, prompts, responses, pad_token_id)
+    pairs = _pairs(parts, prompts, responses, pad_token_id, backend)
     _ensure_checked(scorer, model, parts, pairs, self_check)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
     if scorer is given:  # a scorer passed in: each chunk through it (its wrapper's hooks run)
@@ -205,6 +208,8 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
             [pairs.responses[i] for i in pairs.pair_response[s:e]],
             pairs.pad_id,
             reduction,
+            False,
+            pairs.backend,
             checkpointed=checkpointed,
         )
         for s, e in chunks
@@ -221,7 +226,7 @@ def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str, a
     states = run_prompts(parts, pairs.prompts[first : last + 1], pairs.pad_id)
     responses = [pairs.responses[i] for i in pairs.pair_response[start:stop]]
     return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id, reduction,
-                           always_run_decoder=always_run_decoder)
+                           always_run_decoder=always_run_decoder, backend=pairs.backend)
 
 
 def _rng_state(device: torch.device):
@@ -292,10 +297,10 @@ def _refuse_sharded(model) -> None:
 def _ensure_checked(scorer, model, parts, pairs: _Pairs, enabled: bool) -> None:
     """``ensure_checked`` for ``model``; under FSDP2 through the root (the self-check runs the model)."""
     if not _is_fsdp_module(scorer):
-        ensure_checked(model, parts, lambda: _self_check_sample(pairs), pairs.pad_id, enabled)
+        ensure_checked(model, parts, lambda: _self_check_sample(pairs), pairs.pad_id, enabled, pairs.backend)
         return
     scorer.run(lambda model: ensure_checked(model, causal_lm_parts(model), lambda: _self_check_sample(pairs),
-                                            pairs.pad_id, enabled))
+                                            pairs.pad_id, enabled, pairs.backend))
 
 
 def _gradient_sync(scorer, sync: bool):
@@ -328,7 +333,7 @@ def _fsdp_no_sync(module):
 
 
 def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0,
-                  self_check=True, sync_gradients=True, min_chunks=None):
+                  self_check=True, sync_gradients=True, min_chunks=None, backend=None):
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
 
     Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
@@ -355,6 +360,7 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
     run the same number of chunks.
     """
     _check_reduction(reduction)
+    check_backend(backend)
     if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight):
         raise ValueError(f"loss_weight must be a finite number, got {loss_weight!r}")
     if not isinstance(sync_gradients, bool):
@@ -366,17 +372,15 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
             f"sami_backward: no parameter of model ({type(model).__name__}) requires grad, so there is nothing to "
             "train; unfreeze some (requires_grad_(True)), or use logprob_matrix under torch.no_grad() for scores"
         )
-    pairs = _pairs(parts, prompts, responses, pad_token_id=None)
+    pairs = _pairs(parts, prompts, responses, pad_token_id=None, backend=backend)
     B, C, R = pairs.shape
     if C != R:
         raise ValueError(
             f"sami_backward needs square matrices: responses[b] must hold as many responses as prompts[b] "
             f"has prompts (C == R), got C={C}, R={R}"
         )
-    if micro_batch_size is None:
-        raise ValueError("micro_batch_size must be a positive int (pairs per chunk), got None")
-    if min_chunks is not None and (isinstance(min_chunks, bool) or not isinstance(min_chunks, int) or min_chunks < 1):
-        raise ValueError(f"min_chunks must be None or a positive int, got {min_chunks!r}")
+    check_positive_int("micro_batch_size", micro_batch_size, meaning="pairs per chunk")
+    check_positive_int("min_chunks", min_chunks, allow_none=True)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
     padding = max(0, (min_chunks or 0) - len(chunks))
     if mask is not None:
@@ -397,7 +401,8 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
                 scorer(pairs, *chunks[-1], reduction)
         matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()
         with torch.enable_grad():
-            loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True)
+            loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True,
+                                    backend=backend)
             (d_matrix,) = torch.autograd.grad(loss, matrix)
         d_scores = d_matrix.reshape(-1) * loss_weight
         resume = _rng_state(device)

@@ -27,8 +27,6 @@ prompts are ~80% of the tokens); ``flops`` counts the useful work,
 d_hidden and d_weight), so TFLOP/s compare across providers.
 """
 
-import os
-
 import torch
 
 from sami_fast import reference
@@ -65,15 +63,7 @@ def _sami_fast(hidden, weight, labels):
 
 
 def _sami_fast_torch(hidden, weight, labels):
-    previous = os.environ.get("SAMI_FAST_BACKEND")
-    os.environ["SAMI_FAST_BACKEND"] = "torch"
-    try:
-        return _sami_fast(hidden, weight, labels)
-    finally:
-        if previous is None:
-            del os.environ["SAMI_FAST_BACKEND"]
-        else:
-            os.environ["SAMI_FAST_BACKEND"] = previous
+    return sequence_logprobs(hidden, weight, labels, check_finite=False, backend="torch")
 
 
 def _cut_cross_entropy(hidden, weight, labels, **options):
