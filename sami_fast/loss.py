@@ -11,6 +11,7 @@ from typing import Literal, overload
 
 import torch
 
+from sami_fast.ops import autograd_inside_op
 from sami_fast.backend import Backend, resolve
 from sami_fast.kernels.mi_loss import COLUMN_HITS, COUNT, LOSS, ROW_HITS, mi_loss_kernel
 from sami_fast.validation import check_finite_result, check_float, check_no_nan, check_tensor
@@ -208,7 +209,15 @@ def sami_loss(logprobs, mask=None, *, return_stats=False, check_finite=True, bac
             contributing diagonal entry, or a ``mask`` that leaves nothing.
         RuntimeError: backend "triton" on CPU tensors without ``TRITON_INTERPRET=1``.
 
+    Under ``torch.compile`` the call is one custom op (``torch.ops.sami_fast.sami_loss``),
+    opaque to the compiler, so ``fullgraph=True`` holds: its checks (``check_finite``
+    included) run inside it at run time, and its backward recomputes the forward.
     """
+    if torch.compiler.is_compiling():
+        loss, row_accuracy, column_accuracy, mi_lower_bound = torch.ops.sami_fast.sami_loss(
+            logprobs, mask, check_finite, backend)
+        stats = {"row_accuracy": row_accuracy, "column_accuracy": column_accuracy, "mi_lower_bound": mi_lower_bound}
+        return (loss, stats) if return_stats else loss
     return _sami_loss(logprobs, mask, return_stats, check_finite, backend)
 
 
@@ -222,3 +231,44 @@ def _stats(per_query: torch.Tensor) -> dict:
         "mi_lower_bound": mean_log_count - per_query[:, LOSS].sum(),
     }
 
+
+# torch.compile: the public function as one custom op whose backward recomputes it.
+@torch.library.custom_op("sami_fast::sami_loss", mutates_args=())
+def _sami_loss_op(logprobs: torch.Tensor, mask: torch.Tensor | None, check_finite: bool,
+                  backend: str | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, stats = _sami_loss(logprobs, mask, True, check_finite, backend)
+    return loss, stats["row_accuracy"], stats["column_accuracy"], stats["mi_lower_bound"]
+
+
+@_sami_loss_op.register_fake
+def _(logprobs, mask, check_finite, backend):
+    stat = logprobs.new_empty((), dtype=torch.promote_types(logprobs.dtype, torch.float32))
+    return logprobs.new_empty(()), stat, stat.clone(), stat.clone()
+
+
+@torch.library.custom_op("sami_fast::sami_loss_backward", mutates_args=())
+def _sami_loss_backward_op(grad_loss: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor | None,
+                           backend: str | None) -> torch.Tensor:
+    with autograd_inside_op():
+        leaf = logprobs.detach().requires_grad_()
+        loss = _sami_loss(leaf, mask, False, False, backend)
+        return torch.autograd.grad(loss, leaf, grad_loss)[0]
+
+
+@_sami_loss_backward_op.register_fake
+def _(grad_loss, logprobs, mask, backend):
+    return torch.empty_like(logprobs)
+
+
+def _sami_loss_setup_context(ctx, inputs, output):
+    logprobs, mask, _, backend = inputs
+    ctx.save_for_backward(logprobs, mask)
+    ctx.backend = backend
+
+
+def _sami_loss_op_backward(ctx, grad_loss, *_grad_stats):
+    logprobs, mask = ctx.saved_tensors
+    return _sami_loss_backward_op(grad_loss, logprobs, mask, ctx.backend), None, None, None
+
+
+_sami_loss_op.register_autograd(_sami_loss_op_backward, setup_context=_sami_loss_setup_context)

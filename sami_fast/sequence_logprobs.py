@@ -15,6 +15,7 @@ import torch
 import triton
 
 from sami_fast import chunked
+from sami_fast.ops import autograd_inside_op
 from sami_fast.backend import Backend, interpreted, resolve
 from sami_fast.kernels.linear_logprobs import linear_logprobs_backward_kernel, linear_logprobs_kernel, tf32_dots
 from sami_fast.validation import (
@@ -273,10 +274,17 @@ def sequence_logprobs(
 
     Under ``torch.autocast`` the head runs like the ``nn.Linear`` it stands for: fp32/bf16/
     fp16 hidden, weight and bias are cast to the autocast dtype (their gradients come back
-    in their own).
+    in their own). Under ``torch.compile`` the call is one custom op
+    (``torch.ops.sami_fast.sequence_logprobs``), opaque to the compiler, so
+    ``fullgraph=True`` holds: its checks run inside it at run time, and its backward
+    recomputes the forward (about a quarter more work than eager).
     """
     if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
         hidden, weight, bias = (_in_autocast_dtype(t, hidden.device.type) for t in (hidden, weight, bias))
+    if torch.compiler.is_compiling():
+        return torch.ops.sami_fast.sequence_logprobs(
+            hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift,
+            None if softcap is None else float(softcap), float(temperature), check_finite, backend)
     return _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap,
                               temperature, check_finite, backend)
 
@@ -312,3 +320,67 @@ def _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, r
         check_finite_result("sequence_logprobs", out)
     return out
 
+
+# torch.compile: the public function as one custom op whose backward recomputes it.
+@torch.library.custom_op("sami_fast::sequence_logprobs", mutates_args=())
+def _sequence_logprobs_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None, ignore_index: int, reduction: str, shift: bool, softcap: float | None,
+    temperature: float, check_finite: bool, backend: str | None,
+) -> torch.Tensor:
+    return _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap,
+                              temperature, check_finite, backend)
+
+
+@_sequence_logprobs_op.register_fake
+def _(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap, temperature, check_finite,
+      backend):
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    if reduction != "none":
+        shape = (labels.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1,)
+    elif cu_seqlens is None and shift:
+        shape = (labels.shape[0], labels.shape[1] - 1)
+    else:
+        shape = tuple(labels.shape)
+    return hidden.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("sami_fast::sequence_logprobs_backward", mutates_args=())
+def _sequence_logprobs_backward_op(
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None, ignore_index: int, reduction: str, shift: bool, softcap: float | None,
+    temperature: float, backend: str | None, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_hidden, d_weight, d_bias); an empty tensor for each gradient ``needs`` does not ask for."""
+    with autograd_inside_op():
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((hidden, weight, bias), needs)]
+        out = _sequence_logprobs(leaves[0], leaves[1], labels, leaves[2], cu_seqlens, ignore_index, reduction, shift,
+                                 softcap, temperature, False, backend)
+        wanted = [t for t, need in zip(leaves, needs) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+    return tuple(next(grads) if need else hidden.new_empty(0) for need in needs)
+
+
+@_sequence_logprobs_backward_op.register_fake
+def _(grad, hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap, temperature, backend,
+      needs):
+    return tuple(torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip((hidden, weight, bias), needs))
+
+
+def _sequence_logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, labels, bias, cu_seqlens, *options = inputs
+    ctx.save_for_backward(hidden, weight, labels, bias, cu_seqlens)
+    ctx.options = options[:-2] + options[-1:]  # ignore_index .. temperature, backend (no check_finite)
+
+
+def _sequence_logprobs_op_backward(ctx, grad):
+    hidden, weight, labels, bias, cu_seqlens = ctx.saved_tensors
+    needs = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:4],
+                                                       (hidden, weight, bias))]
+    grads = _sequence_logprobs_backward_op(grad, hidden, weight, labels, bias, cu_seqlens, *ctx.options, needs)
+    d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
+    return d_hidden, d_weight, None, d_bias, *([None] * 8)
+
+
+_sequence_logprobs_op.register_autograd(_sequence_logprobs_op_backward, setup_context=_sequence_logprobs_setup_context)
