@@ -10,7 +10,7 @@ gradient directly in their dtype. The per-sequence mean is plain torch.
 import torch
 
 from sami_fast import chunked
-from sami_fast.backend import interpreted, resolve
+from sami_fast.backend import Backend, interpreted, resolve
 from sami_fast.kernels.logits_logprobs import logits_logprobs_backward_kernel, logits_logprobs_forward_kernel
 from sami_fast.validation import (
     LABEL_DTYPES, check_every_sequence_scored, check_finite_result, check_float, check_tensor, scored_targets_mask,
@@ -77,15 +77,33 @@ class _TorchLogitsLogprobs(torch.autograd.Function):
 _LOGITS_LOGPROBS = {"triton": _TritonLogitsLogprobs, "torch": _TorchLogitsLogprobs}
 
 
-def get_batch_logprobs(logits, labels, ignore_idx=-100, *, check_finite=True, backend=None):
+def get_batch_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_idx: int = -100, *,
+                       check_finite: bool = True, backend: Backend | None = None) -> torch.Tensor:
     """Mean log-prob of ``labels[:, 1:]`` under ``logits[:, :-1]`` over non-ignored positions.
 
-    logits (B, T, V) float, labels (B, T) integer; returns (B,) in the logits' dtype,
-    differentiable w.r.t. ``logits``. fp64 logits run the torch path on every backend
-    (the kernels compute in fp32). Logits may be -inf (a vocabulary mask) except at
-    a scored label. Raises ValueError for a sequence with no scored token (the
-    original returns NaN there) or a label outside [0, V) other than ``ignore_idx``;
-    with ``check_finite`` also when the result is NaN or inf.
+    The original SAMI trainer's ``get_batch_logprobs``, fused: one streaming pass over the
+    logits in fp32, no fp32 copy of them.
+
+    Args:
+        logits: (B, T, V) float (fp32, bf16, fp16 or fp64). May be -inf (a vocabulary
+            mask) except at a scored label.
+        labels: (B, T) int64/int32 on logits' device; ``ignore_idx`` where not scored.
+        ignore_idx: the label of unscored positions.
+        check_finite: one host sync: a NaN/inf result raises.
+        backend: None (``SAMI_FAST_BACKEND``, default "auto"), "auto", "triton" or "torch";
+            fp64 logits run the torch path on every backend (the kernels compute in fp32).
+
+    Returns:
+        (B,) in the logits' dtype, differentiable w.r.t. ``logits`` (the gradient has their
+        dtype).
+
+    Raises:
+        TypeError: logits not a float tensor, labels not an integer tensor.
+        ValueError: shapes or devices that do not match, a label outside [0, V) other than
+            ``ignore_idx``, a sequence with no scored token (the original returns NaN
+            there), a bad ``backend``.
+        FloatingPointError: with ``check_finite``, a NaN/inf result.
+        RuntimeError: backend "triton" on CPU tensors without ``TRITON_INTERPRET=1``.
     """
     check_float("logits", logits, dims=(3,))
     check_tensor("labels", labels, dims=(2,), dtypes=LABEL_DTYPES)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sami_fast.backend import check_backend
+from sami_fast.backend import Backend, check_backend
 from sami_fast.hf import (
     causal_lm_parts,
     check_lengths,
@@ -90,7 +90,8 @@ def _pairs(parts, prompts, responses, pad_token_id, backend=None) -> _Pairs:
         # Padding is always masked out, so any valid id serves but the embedding's padding_idx: its zero
         # embedding gives NaN gradients in models that normalise embeddings (Gemma 3n's sqrt(mean(x^2))).
         pad_id = 1 if parts.embedding_padding_idx == 0 else 0
-    elif isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < parts.vocab_size:
+    elif (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+          or not 0 <= pad_token_id < parts.vocab_size):
         raise ValueError(f"pad_token_id must be an id in [0, {parts.vocab_size}), got {pad_token_id!r}")
     else:
         pad_id = pad_token_id
@@ -162,9 +163,32 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, SCORE_REDUCTIONS))}, got {reduction!r}")
 
 
-def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None, reduction="mean",
-                   self_check=True, backend=None) -> torch.Tensor:
+def logprob_matrix(model, prompts: list, responses: list, *, pad_token_id: int | None = None,
+                   micro_batch_size: int | None = None, reduction: str = "mean", self_check: bool = True,
+                   backend: Backend | None = None) -> torch.Tensor:
     """(B, C, R) SAMI scores: ``[b, k, j]`` = mean log-prob of ``responses[b][j]`` given ``prompts[b][k]``.
+
+    Args:
+        model: a transformers causal LM, or a ``PairScorer`` of one (possibly in
+            ``DistributedDataParallel`` or the FSDP2 root).
+        prompts: B lists of C 1-D int64 tensors (principle + query ids, BOS included).
+        responses: B lists of R 1-D int64 tensors (no BOS).
+        pad_token_id: the id fed at padded positions (default: an id other than the input
+            embedding's padding_idx).
+        micro_batch_size: None (all pairs in one forward) or pairs per forward.
+        reduction: "mean" or "sum" of the response-token log-probs.
+        self_check: self-check an unverified architecture on first use.
+        backend: of the fused LM head, as in ``sequence_logprobs``.
+
+    Returns:
+        (B, C, R) in fp32 (fp64 for an fp64 model), differentiable w.r.t. every parameter.
+
+    Raises:
+        TypeError, ValueError: malformed ``prompts``/``responses`` (naming the entry), bad
+            options.
+        sami_fast.hf.UnsupportedArchitectureError: a structure that cannot be scored exactly,
+            or a failed self-check.
+        FloatingPointError: a NaN/inf score, naming its (query, prompt, response).
 
     ``prompts``: B lists of C 1-D LongTensors (principle + query ids, BOS
     included); ``responses``: B lists of R 1-D LongTensors (no BOS). Equal, within
@@ -219,7 +243,8 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     return torch.cat(scores).reshape(pairs.shape)
 
 
-def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str, always_run_decoder=False) -> torch.Tensor:
+def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str,
+                  always_run_decoder=False) -> torch.Tensor:
     """Scores of pairs [start, stop), re-running just the prompts they need."""
     first = int(pairs.pair_prompt[start])
     last = int(pairs.pair_prompt[stop - 1])
@@ -261,7 +286,8 @@ class PairScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, pairs: _Pairs, start: int, stop: int, reduction: str) -> torch.Tensor:
-        """Scores of pairs ``[start, stop)`` of ``pairs`` (as ``sami_backward`` prepares them): shape (stop - start,)."""
+        """Scores of pairs ``[start, stop)`` of ``pairs`` (as ``sami_backward`` prepares them):
+        shape (stop - start,)."""
         # Sharded, every chunk makes the same layer calls on every rank (each call is a collective).
         return _chunk_scores(causal_lm_parts(self.model), pairs, start, stop, reduction,
                              always_run_decoder=_is_fsdp_module(self))
@@ -272,7 +298,8 @@ class PairScorer(torch.nn.Module):
 
 
 def _scorer_and_model(model):
-    """(scorer, causal LM) for ``model``: a causal LM, a ``PairScorer``, or a ``PairScorer`` in ``DistributedDataParallel``."""
+    """(scorer, causal LM) for ``model``: a causal LM, a ``PairScorer``, or a ``PairScorer`` in
+    ``DistributedDataParallel``."""
     inner = getattr(model, "module", None) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if isinstance(inner, PairScorer):
         return model, inner.model
@@ -285,7 +312,8 @@ def _scorer_and_model(model):
 
 
 def _refuse_sharded(model) -> None:
-    """Outside the FSDP2 root's forward the root's parameters are shards (DTensors): scoring them would fail or be wrong."""
+    """Outside the FSDP2 root's forward the root's parameters are shards (DTensors): scoring them
+    would fail or be wrong."""
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 
@@ -332,9 +360,26 @@ def _fsdp_no_sync(module):
         module.set_requires_gradient_sync(True)
 
 
-def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0,
-                  self_check=True, sync_gradients=True, min_chunks=None, backend=None):
+def sami_backward(model, prompts: list, responses: list, *, micro_batch_size: int,
+                  mask: torch.Tensor | None = None, reduction: str = "mean", loss_weight: float = 1.0,
+                  self_check: bool = True, sync_gradients: bool = True, min_chunks: int | None = None,
+                  backend: Backend | None = None) -> tuple[torch.Tensor, dict]:
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
+
+    Args:
+        model, prompts, responses, reduction, self_check: as in ``logprob_matrix`` (C == R).
+        micro_batch_size: (prompt, response) pairs per chunk: bounds the peak memory.
+        mask: None or (B, C, C) bool, as in ``sami_loss``.
+        loss_weight: the gradients accumulated are those of ``loss_weight * loss``.
+        sync_gradients: whether this call's last backward reduces gradients across ranks.
+        min_chunks: run at least this many chunks (FSDP2 ranks must agree).
+        backend: of the fused LM head and the loss, as in ``sequence_logprobs``.
+
+    Returns:
+        ``(loss, stats)``: the detached 0-dim loss and ``sami_loss``'s stats.
+
+    Raises:
+        ValueError: no trainable parameter, C != R, bad options; as ``logprob_matrix`` otherwise.
 
     Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
     (1) the matrix is computed chunk by chunk without a graph; (2) the loss and

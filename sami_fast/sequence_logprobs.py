@@ -185,7 +185,8 @@ def _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, 
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}) to match hidden, got {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} to match hidden, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape {tuple(hidden.shape[:-1])} to match hidden, got {tuple(labels.shape)}")
     for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias)):
         if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"{name} must be on {hidden.device} like hidden, got {tensor.device}")

@@ -36,7 +36,8 @@ def spilled_bytes(ptx: str) -> int:
         with open(source, "w") as f:
             f.write(ptx)
         report = subprocess.run(
-            [get_ptxas(HOPPER.arch).path, "-v", "--gpu-name", "sm_90a", source, "-o", os.path.join(tmp, "kernel.cubin")],
+            [get_ptxas(HOPPER.arch).path, "-v", "--gpu-name", "sm_90a", source,
+             "-o", os.path.join(tmp, "kernel.cubin")],
             capture_output=True, text=True, check=True,
         ).stderr
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))

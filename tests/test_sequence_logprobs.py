@@ -299,7 +299,8 @@ def test_bad_input_raises(backend, case):
 
 
 def test_gpu_check_script_dry_run(backend):
-    """benchmarks/gpu_check.py: its checks run end to end at tiny shapes on the CPU (the GPU run itself is not testable here)."""
+    """benchmarks/gpu_check.py: its checks run end to end at tiny shapes on the CPU (the GPU run
+    itself is not testable here)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     done = subprocess.run([sys.executable, str(script), "--cpu-dry-run"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -352,7 +353,7 @@ def test_fp64_input_is_computed_in_fp64(backend):
     ours = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64, **kw)
     assert sequence_logprobs(hidden, weight, labels).dtype == torch.float64
     for name, a, r in zip(("value", "d_hidden", "d_weight", "d_bias"), ours, ref):
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * r.abs().max().item(), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * r.abs().max().item(), msg=lambda m: f"{name}: {m}")  # noqa: B023
 
 
 def fp16_ulp(x):

@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -224,7 +224,8 @@ def append_results(path: str, rows: list[dict], device: str) -> None:
                 continue
             for metric in ("time_ms", "peak_mb", "tflops"):
                 if metric in r:
-                    writer.writerow([r["kernel"], r["provider"], r["mode"], metric, r["x"], f"{r[metric]:.4g}", name, date])
+                    writer.writerow([r["kernel"], r["provider"], r["mode"], metric, r["x"], f"{r[metric]:.4g}", name,
+                                     date])
 
 
 def run_cases(cases: list[Case], device: str, repeats: int | None = None, log=print) -> list[dict]:
@@ -234,7 +235,8 @@ def run_cases(cases: list[Case], device: str, repeats: int | None = None, log=pr
         row = {"kernel": case.kernel, "provider": case.provider, "x": case.x, "mode": case.mode}
         try:
             row.update(measure(case, device, repeats))
-            log(f"  {case.kernel:<18} {case.provider:<20} {case.x:<28} {row['time_ms']:10.2f} ms {row['peak_mb']:10.1f} MB")
+            log(f"  {case.kernel:<18} {case.provider:<20} {case.x:<28} {row['time_ms']:10.2f} ms "
+                f"{row['peak_mb']:10.1f} MB")
         except CaseSkipped as reason:
             row["skipped"] = str(reason)
             log(f"  {case.kernel:<18} {case.provider:<20} {case.x:<28} skipped: {reason}")
