@@ -75,3 +75,27 @@ def test_every_op_takes_backend_per_call(op, monkeypatch):
         assert_oracle_close(run(backend), plain(torch.float32), plain(torch.float64), what=f"{op} {backend}")
     with pytest.raises(ValueError, match="backend"):
         run("gpu")
+
+
+def test_model_level_ops_take_backend_per_call(monkeypatch):
+    """logprob_matrix and sami_backward pass backend= down to the fused head (and the loss):
+    both backends give the full-sequence scores; a bad value names ``backend`` before any work."""
+    from oracle import assert_matrix_oracle_close
+    from sami_fast import logprob_matrix, sami_backward
+    from tiny_lm import bpe_tokenizer, tiny_causal_lm
+
+    monkeypatch.setenv("SAMI_FAST_BACKEND", "cuda-magic")  # would raise if it were read
+    model = tiny_causal_lm(bpe_tokenizer())
+    gen = torch.Generator().manual_seed(3)
+    prompts = [[torch.randint(0, 300, (n,), generator=gen) for n in (4, 6)]]
+    responses = [[torch.randint(0, 300, (n,), generator=gen) for n in (3, 2)]]
+    for backend in ("triton", "torch"):
+        with torch.no_grad():
+            matrix = logprob_matrix(model, prompts, responses, backend=backend)
+        assert_matrix_oracle_close(matrix, model, prompts, responses, what=f"matrix {backend}")
+        loss, _ = sami_backward(model, prompts, responses, micro_batch_size=2, backend=backend)
+        assert torch.isfinite(loss)
+    for call in (lambda: logprob_matrix(model, prompts, responses, backend="gpu"),
+                 lambda: sami_backward(model, prompts, responses, micro_batch_size=2, backend="gpu")):
+        with pytest.raises(ValueError, match="backend"):
+            call()
