@@ -1,11 +1,18 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# The version is defined once, in sami_fast/__init__.py (read as text: importing needs torch).
+INIT = Path(__file__).parent / "sami_fast" / "__init__.py"
+VERSION = re.search(r'^__version__ = "([^"]+)"', INIT.read_text(encoding="utf-8"), re.M).group(1)
 
 # `kernels/` (Triton kernels only) ships as the subpackage `sami_fast.kernels`:
 # a top-level package named `kernels` would shadow an unrelated PyPI package
 # that transformers probes for.
 setup(
     name="sami_fast",
-    version="0.1.0",
+    version=VERSION,
     description="Fused Triton kernels and a shared-prefix trainer for SAMI "
     "(Self-Supervised Alignment with Mutual Information)",
     long_description=open("README.md", encoding="utf-8").read(),
@@ -17,7 +24,7 @@ setup(
     package_data={"sami_fast": ["datasets/*.jsonl", "datasets/principles/*.json"]},
     install_requires=["torch>=2.4", "triton>=3.2"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "setuptools>=70.1"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "setuptools>=70.1", "ruff>=0.6"],
         "hf": ["transformers>=4.57", "accelerate", "gguf"],
         # `sami-fast train`: YAML configs, progress bars, the training plot.
         "train": ["transformers>=4.57", "accelerate", "gguf", "pyyaml", "tqdm", "matplotlib"],

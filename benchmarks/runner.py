@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -62,8 +62,8 @@ class Candidate:
     ``setup()`` builds the inputs and returns ``run``: one forward+backward returning the
     tensors the gate checks (the output first, then the gradients), in the order of the
     case's ``truth``, and keeping no gradient itself (so that the next run's peak memory
-    includes the gradients it makes, as in a training step that starts from none). ``unavailable``: why it cannot run on this device (it is then a
-    row saying so, never dropped).
+    includes the gradients it makes, as in a training step that starts from none).
+    ``unavailable``: why it cannot run on this device (it is then a row saying so, never dropped).
     """
 
     name: str

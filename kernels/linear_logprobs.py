@@ -47,53 +47,42 @@ next to its bf16 copy would triple the gradient's memory (3 GB extra for Llama 3
 head). Each finished chunk is cast into the d_weight output; d_rows stays one fp32
 buffer (rows x D) that every chunk adds into.
 
-Under TRITON_INTERPRET=1 (CPU) bf16 tl.dot is wrong, so the launchers set
-DOT_FP32 for bf16 to upcast the operands (fp16 keeps its tensor-core path, which
-the interpreter computes correctly); bf16/fp16 inputs on the GPU use the tensor
-cores with fp32 accumulation. fp32 inputs take the DOT_FP32 path too: exact fp32
-products, or TF32 tensor cores (TF32) when torch lets fp32 matmuls use TF32
-(``torch.set_float32_matmul_precision("high")``), as torch's own matmuls do.
+bf16/fp16 inputs use the tensor cores with fp32 accumulation (bf16 dots on fp32
+operands with ``upcast_bf16_dots``, the interpreter workaround of ``common``). fp32
+inputs take the DOT_FP32 path: exact fp32 products, or TF32 tensor cores (TF32) when
+torch lets fp32 matmuls use TF32 (``torch.set_float32_matmul_precision("high")``),
+as torch's own matmuls do.
+
+Launch choices are the caller's: ``config`` (one ``triton.Config`` instead of
+autotuning over ``FORWARD_CONFIGS`` / ``BACKWARD_CONFIGS``), ``n_splits`` and
+``vocab_chunk``; the defaults suit a GPU.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from sami_fast.backend import triton_interpreted
+from .common import dot, dot_fp32, online_lse_update, tanh
 
-_INTERPRETED = triton_interpreted()
-
-
-def _configs(gpu_configs):
-    # The interpreter runs neither autotuning nor warps/stages: one large tile,
-    # since its cost is per loop iteration rather than per element.
-    if _INTERPRETED:
-        return [triton.Config({**gpu_configs[0].kwargs, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64})]
-    return gpu_configs
-
+# sm_90 register reports (ptxas -v): BLOCK_K=64 spills at 8 warps; these do not (or barely).
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+# A backward launch's fp32 d_weight accumulator holds about this many values (32 MiB).
+D_WEIGHT_CHUNK_ELEMENTS = 2**23
 
 _HEURISTICS = {
     "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
     "HAS_SOFTCAP": lambda args: args["softcap"] is not None,
     "EVEN_D": lambda args: args["D"] % args["BLOCK_K"] == 0,
 }
-
-
-@triton.jit
-def _tanh(x):
-    # libdevice tanh is unavailable under the interpreter.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr, TF32: tl.constexpr):
-    if TF32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
-    elif DOT_FP32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
 
 
 @triton.jit
@@ -118,7 +107,7 @@ def _pre_softcap_logits(
             in_d = offs_k[None, :] < D - k
             h = tl.load(row_ptrs, mask=in_d, other=0.0)
             w = tl.load(weight_ptrs, mask=in_d, other=0.0)
-        acc = _dot(h, tl.trans(w), acc, DOT_FP32, TF32)
+        acc = dot(h, tl.trans(w), acc, DOT_FP32, TF32)
         row_ptrs += BLOCK_K
         weight_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -126,24 +115,22 @@ def _pre_softcap_logits(
     return acc
 
 
-@triton.autotune(
-    # sm_90 register reports (ptxas -v): BLOCK_K=64 spills at 8 warps; these do not (or barely).
-    configs=_configs([
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-    ]),
-    key=["V", "D", "DOT_FP32", "TF32"],
-)
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _linear_logprobs_kernel(
+    # Pointers: hidden (N, D), row_index (M,), weight (V, D), bias (V,) or None, targets (M,);
+    # outputs: partial LSEs (n_splits, M) and target logits (M,), fp32.
     rows_ptr, row_index_ptr, weight_ptr, bias_ptr, targets_ptr, partial_lse_ptr, target_logit_ptr,
+    # Sizes and strides, the logit transform (softcap or None, 1 / temperature), the split count.
     M, V, D, stride_row, stride_weight, softcap, inv_temperature, n_splits,
+    # Meta-parameters: what the heuristics derive, the dot precision, the tile.
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """Grid (cdiv(M, BLOCK_M), n_splits): program (m, s) takes row block m and the s-th
+    contiguous range of vocabulary blocks, and writes the block's partial log-sum-exp over
+    that range and, for the rows whose target lies in it, the target logit."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,16 +152,11 @@ def _linear_logprobs_kernel(
             HAS_BIAS, EVEN_D, DOT_FP32, TF32, BLOCK_M, BLOCK_N, BLOCK_K,
         )
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = softcap * tanh(z / softcap)
         z = z * inv_temperature
         target_logit += tl.sum(tl.where(offs_n[None, :] == targets[:, None], z, 0.0), axis=1)
         z = tl.where(col_in[None, :], z, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(z, axis=1))
-        # While every logit so far is -inf (a -inf bias bans tokens) the max is -inf
-        # and exp(-inf - -inf) would be NaN: shift by 0 instead, exp(-inf) = 0.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
-        running_max = new_max
+        running_max, running_sum = online_lse_update(running_max, running_sum, z, 1)
 
     # A split whose logits are all -inf (past the last vocabulary block, or banned)
     # keeps running_max = -inf: its partial LSE is -inf, which the launcher's
@@ -193,15 +175,7 @@ def _sm_count(device) -> int:
 
 def _vocab_splits(n_row_blocks: int, V: int, device: torch.device) -> int:
     """Vocabulary splits so that the grid has about two programs per SM."""
-    if _INTERPRETED:
-        return 2  # exercise the split merge in the CPU tests
     return max(1, min(triton.cdiv(2 * _sm_count(device), n_row_blocks), triton.cdiv(V, 1024)))
-
-
-def _dot_fp32(dtype: torch.dtype) -> bool:
-    # The interpreter's fp16 tl.dot is right (only bf16 is broken), so the CPU tests
-    # run the fp16 tensor-core path.
-    return dtype in (torch.float32, torch.float64) or (_INTERPRETED and dtype == torch.bfloat16)
 
 
 def tf32_dots(dtype: torch.dtype) -> bool:
@@ -222,8 +196,18 @@ def _check_row_vectors(*vectors):
         raise ValueError("row_index, targets (and lse, grad) must be contiguous")
 
 
+def _launch(kernel, tuned, grid, args, config, **meta):
+    """``kernel`` launched with ``config`` (a ``triton.Config``), or ``tuned`` (its autotuned
+    form) when ``config`` is None."""
+    if config is None:
+        tuned[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def linear_logprobs_kernel(
-    hidden, weight, row_index, targets, bias=None, softcap=None, temperature=1.0, tf32=False,
+    hidden, weight, row_index, targets, bias=None, softcap=None, temperature=1.0, tf32=False, *,
+    n_splits=None, config=None, upcast_bf16_dots=False,
 ):
     """(log p(target) (M,), lse (M,)) in fp32 of the rows ``hidden[row_index]`` (M = len(row_index)).
 
@@ -231,21 +215,26 @@ def linear_logprobs_kernel(
     targets (M,) int64. Every target must lie in [0, V): the caller drops ignored rows
     beforehand. Logits may be -inf (a -inf bias bans tokens) except at the targets.
     ``tf32``: fp32 inputs' dots on TF32 tensor cores (``tf32_dots`` says whether torch
-    allows it); the backward must be given the same choice.
+    allows it); the backward must be given the same choice. ``n_splits``: vocabulary
+    splits (default: about two programs per SM). ``config``: one ``triton.Config``
+    (BLOCK_M, BLOCK_N, BLOCK_K) instead of autotuning over ``FORWARD_CONFIGS``.
+    ``upcast_bf16_dots``: the interpreter workaround (``common``).
     """
     M, (V, D) = row_index.shape[0], weight.shape
     _check_row_vectors(row_index, targets)
     target_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
     if M == 0:
         return target_logit, torch.empty_like(target_logit)
-    n_splits = _vocab_splits(triton.cdiv(M, 128), V, hidden.device)
+    n_splits = n_splits or _vocab_splits(triton.cdiv(M, 128), V, hidden.device)
     partial_lse = torch.empty((n_splits, M), dtype=torch.float32, device=hidden.device)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), n_splits)  # noqa: E731
-    _linear_logprobs_kernel[grid](
-        hidden, row_index, weight, bias, targets, partial_lse, target_logit,
-        M, V, D, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature, n_splits,
-        DOT_FP32=_dot_fp32(hidden.dtype), TF32=tf32 and hidden.dtype == torch.float32,
-    )
+
+    def grid(meta):
+        return triton.cdiv(M, meta["BLOCK_M"]), n_splits
+
+    args = (hidden, row_index, weight, bias, targets, partial_lse, target_logit,
+            M, V, D, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature, n_splits)
+    _launch(_linear_logprobs_kernel, _linear_logprobs_kernel_tuned, grid, args, config,
+            DOT_FP32=dot_fp32(hidden.dtype, upcast_bf16_dots), TF32=tf32 and hidden.dtype == torch.float32)
     lse = torch.logsumexp(partial_lse, dim=0)
     return target_logit - lse, lse
 
@@ -272,18 +261,6 @@ def _restore_gradients(kwargs, exception=None):
         kwargs[name].copy_(saved)
 
 
-@triton.autotune(
-    configs=_configs([
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    ]),
-    # Not V: a launch's V is its vocabulary chunk, whose width follows the row count
-    # when rows are few; tuning again for every new width would stall training steps.
-    key=["D", "DOT_FP32", "TF32"],
-    pre_hook=_snapshot_gradients,
-    post_hook=_restore_gradients,
-)
 @triton.heuristics({
     **_HEURISTICS,
     "HAS_D_ROWS": lambda args: args["d_rows_ptr"] is not None,
@@ -292,14 +269,22 @@ def _restore_gradients(kwargs, exception=None):
 })
 @triton.jit
 def _linear_logprobs_backward_kernel(
+    # Pointers: hidden (N, D), row_index (M,), this launch's vocabulary chunk of weight
+    # (V, D) and bias (or None), targets (M,), the forward's lse (M,), upstream gradient
+    # (M,); fp32 outputs (each None when not needed): d_rows (M, D), d_weight (V, D), d_bias (V,).
     rows_ptr, row_index_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, grad_ptr,
     d_rows_ptr, d_weight_ptr, d_bias_ptr,
+    # Sizes and strides, the chunk's first vocabulary id, the logit transform.
     M, V, D, vocab_start, stride_row, stride_weight, softcap, inv_temperature,
+    # Meta-parameters: what the heuristics derive, the dot precision, the tile and its grouping.
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_FP32: tl.constexpr, TF32: tl.constexpr,
     HAS_D_ROWS: tl.constexpr, HAS_D_WEIGHT: tl.constexpr, HAS_D_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """Grid (cdiv(M, BLOCK_M) * cdiv(V, BLOCK_N),): one program per (row block, vocabulary
+    block) tile recomputes the tile's logits, forms d s (module docstring) and adds the
+    tile's contributions to d_rows, d_weight and d_bias with fp32 atomics."""
     # Grouped tile order (as in the Triton matmul tutorial): consecutive programs
     # share weight blocks and row blocks while they are still in L2.
     pid = tl.program_id(0)
@@ -323,7 +308,7 @@ def _linear_logprobs_backward_kernel(
         HAS_BIAS, EVEN_D, DOT_FP32, TF32, BLOCK_M, BLOCK_N, BLOCK_K,
     )
     if HAS_SOFTCAP:
-        t = _tanh(s / softcap)
+        t = tanh(s / softcap)
         z = softcap * t * inv_temperature
     else:
         z = s * inv_temperature
@@ -364,7 +349,7 @@ def _linear_logprobs_backward_kernel(
                 w = tl.load(weight_ptrs)
             else:
                 w = tl.load(weight_ptrs, mask=in_d, other=0.0)
-            d_rows = _dot(ds_operand, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, TF32)
+            d_rows = dot(ds_operand, w, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), DOT_FP32, TF32)
             if GRAD_AFTER_DOT:
                 d_rows = d_rows * grad[:, None]
             tl.atomic_add(d_rows_ptr + row_offsets, d_rows, mask=row_in[:, None] & in_d)
@@ -375,7 +360,7 @@ def _linear_logprobs_backward_kernel(
                 h = tl.load(row_ptrs, mask=in_d, other=0.0)
             if GRAD_AFTER_DOT:
                 h = (h.to(tl.float32) * row_weights[:, None]).to(tl.float16)
-            d_weight = _dot(tl.trans(ds_operand), h, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32,
+            d_weight = dot(tl.trans(ds_operand), h, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), DOT_FP32,
                             TF32)
             if GRAD_AFTER_DOT:
                 d_weight = d_weight * grad_max
@@ -386,15 +371,21 @@ def _linear_logprobs_backward_kernel(
         weight_ptrs += BLOCK_K
 
 
-# A backward launch's fp32 d_weight accumulator holds about this many values (32 MiB).
-_D_WEIGHT_CHUNK_ELEMENTS = 2**23
+# Autotuned launches. The backward's key is not V: a launch's V is its vocabulary chunk,
+# whose width follows the row count when rows are few; tuning again for every new width
+# would stall training steps.
+_linear_logprobs_kernel_tuned = triton.autotune(FORWARD_CONFIGS, key=["V", "D", "DOT_FP32", "TF32"])(
+    _linear_logprobs_kernel)
+_linear_logprobs_backward_kernel_tuned = triton.autotune(
+    BACKWARD_CONFIGS, key=["D", "DOT_FP32", "TF32"], pre_hook=_snapshot_gradients, post_hook=_restore_gradients,
+)(_linear_logprobs_backward_kernel)
 
 
 def _vocab_chunk(M: int, V: int, D: int, sms: int) -> int:
     """Vocabulary columns per backward launch, a multiple of the 128-column tile: about
     32 MiB of fp32 d_weight; when rows are few, widened (at most 4x) towards four whole
     waves of 128 x 128 tiles over the SMs, so that each launch still fills the GPU."""
-    lean = max(1, _D_WEIGHT_CHUNK_ELEMENTS // (D * 128))
+    lean = max(1, D_WEIGHT_CHUNK_ELEMENTS // (D * 128))
     filling = max(1, 4 * sms // triton.cdiv(M, 128))  # rounded down: no straggling partial wave
     return min(V, max(lean, min(filling, 4 * lean)) * 128)
 
@@ -406,13 +397,17 @@ def _tile_grid(M: int, V: int):
 
 def linear_logprobs_backward_kernel(
     hidden, weight, row_index, targets, lse, grad, bias=None, softcap=None, temperature=1.0,
-    need_rows=True, need_weight=True, need_bias=False, vocab_chunk=None, tf32=False,
+    need_rows=True, need_weight=True, need_bias=False, vocab_chunk=None, tf32=False, *,
+    config=None, upcast_bf16_dots=False,
 ):
     """(d_rows fp32 (M, D), d_weight in weight's dtype, d_bias fp32) of the rows ``hidden[row_index]``
     for per-row upstream gradients ``grad`` (M,) fp32; a gradient that is not needed is None
     and its work is skipped. d_rows is per gathered row: the caller scatters it into hidden's shape.
 
-    ``vocab_chunk``: vocabulary columns per launch (default ``_vocab_chunk``).
+    ``vocab_chunk``: vocabulary columns per launch (default ``_vocab_chunk``; all of V for a
+    frozen head). ``config``: one ``triton.Config`` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    instead of autotuning over ``BACKWARD_CONFIGS``. ``tf32``, ``upcast_bf16_dots``: as in
+    ``linear_logprobs_kernel``.
     """
     M, (V, D) = row_index.shape[0], weight.shape
     _check_row_vectors(row_index, targets, lse, grad)
@@ -427,9 +422,7 @@ def linear_logprobs_backward_kernel(
     if M == 0 or not (need_rows or need_weight or need_bias):
         return d_rows, d_weight, d_bias
     if vocab_chunk is None:
-        if _INTERPRETED:
-            vocab_chunk = 256  # the CPU tests run several chunks
-        elif not need_weight:
+        if not need_weight:
             vocab_chunk = V  # a frozen head: no d_weight to accumulate chunk by chunk
         else:
             vocab_chunk = _vocab_chunk(M, V, D, _sm_count(hidden.device))
@@ -439,12 +432,12 @@ def linear_logprobs_backward_kernel(
         d_weight_chunk = None
         if need_weight:
             d_weight_chunk = d_weight[start:end] if scratch is None else scratch[: end - start].zero_()
-        _linear_logprobs_backward_kernel[_tile_grid(M, end - start)](
-            hidden, row_index, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
-            d_rows, d_weight_chunk, None if d_bias is None else d_bias[start:end],
-            M, end - start, D, start, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature,
-            DOT_FP32=_dot_fp32(hidden.dtype), TF32=tf32 and hidden.dtype == torch.float32,
-        )
+        args = (hidden, row_index, weight[start:end], None if bias is None else bias[start:end], targets, lse, grad,
+                d_rows, d_weight_chunk, None if d_bias is None else d_bias[start:end],
+                M, end - start, D, start, hidden.stride(0), weight.stride(0), softcap, 1.0 / temperature)
+        _launch(_linear_logprobs_backward_kernel, _linear_logprobs_backward_kernel_tuned, _tile_grid(M, end - start),
+                args, config, DOT_FP32=dot_fp32(hidden.dtype, upcast_bf16_dots),
+                TF32=tf32 and hidden.dtype == torch.float32)
         if scratch is not None:
             d_weight[start:end].copy_(d_weight_chunk)
     return d_rows, d_weight, d_bias

@@ -30,16 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from sami_fast.backend import triton_interpreted
+from .common import online_lse_update
 
 # Per-query outputs, in this order along the last axis of the (B, 4) result.
 LOSS, COUNT, ROW_HITS, COLUMN_HITS = range(4)
 
-_SINGLE_TILE_MAX = 64  # largest C kept as one register tile (128 spills registers on Hopper)
+SINGLE_TILE_MAX = 64  # largest C kept as one register tile (128 spills registers on Hopper)
 _TILE = 64  # tile edge of the multi-tile path
-# A larger register tile does not compile usefully on a GPU; the interpreter has no
-# registers, so tests may use one tile to run C = 4096 quickly.
-_MAX_BLOCK = 1024 if triton_interpreted() else _SINGLE_TILE_MAX
 
 
 @triton.jit
@@ -82,11 +79,8 @@ def _online_lse_argmax(m, s, arg, x, offset, AXIS: tl.constexpr):
     tile_max, tile_arg = tl.max(x, axis=AXIS, return_indices=True, return_indices_tie_break_left=True)
     # Strictly greater: an earlier tile keeps the argmax on ties, like torch.argmax.
     arg = tl.where(tile_max > m, tile_arg + offset, arg)
-    m_new = tl.maximum(m, tile_max)
-    # An all -inf line keeps max -inf; shift by 0 there so exp never sees -inf - -inf.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - tl.expand_dims(shift, AXIS)), axis=AXIS)
-    return m_new, s, arg
+    m, s = online_lse_update(m, s, x, AXIS)
+    return m, s, arg
 
 
 @triton.jit
@@ -100,6 +94,7 @@ def _gradient_tile(x, rows, cols, row_lse, col_lse, row_valid, col_valid, scale)
 
 @triton.jit
 def _store_tile(grad_ptr, base_g, rows, cols, C, g, EVEN_C: tl.constexpr):
+    """Write the (rows, cols) tile ``g`` of one query's gradient in the gradient's dtype."""
     ptrs = grad_ptr + base_g + rows[:, None].to(tl.int64) * C + cols[None, :]
     if EVEN_C:
         tl.store(ptrs, g.to(grad_ptr.dtype.element_ty))
@@ -115,13 +110,24 @@ def _store_tile(grad_ptr, base_g, rows, cols, C, g, EVEN_C: tl.constexpr):
 })
 @triton.jit
 def _mi_loss_kernel(
+    # Pointers: scores (B, C, C), keep-mask as bytes (or None), the number Q of contributing
+    # queries (a device scalar; None without a mask), gradient (B, C, C) (or None), the
+    # (B, 4) per-query table, the (B, 4, C) multi-tile scratch (or None).
     x_ptr, mask_ptr, num_queries_ptr, grad_ptr, out_ptr, scratch_ptr,
+    # Sizes and strides.
     C,
     stride_xb, stride_xr, stride_xc,
     stride_mb, stride_mr, stride_mc,
+    # Meta-parameters: the tile edge, and what the heuristics derive from the arguments.
     BLOCK: tl.constexpr,
     HAS_MASK: tl.constexpr, STORE_GRAD: tl.constexpr, SINGLE_TILE: tl.constexpr, EVEN_C: tl.constexpr,
 ):
+    """Grid (B,): program b computes query b's row of the table, and its gradient.
+
+    The row is (L_b / Q, n_b, row hits, column hits) in the table's dtype (module
+    docstring); with ``STORE_GRAD`` the program also writes dL/dx_b / Q. One tile when
+    ``SINGLE_TILE`` (C <= BLOCK), else two passes over (BLOCK, BLOCK) tiles.
+    """
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
     base_x = b * stride_xb
@@ -247,7 +253,7 @@ def tile_warps(block_size: int) -> int:
 
 
 def mi_loss_kernel(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
-                   compute_grad: bool = True, block_size: int | None = None):
+                   compute_grad: bool = True, block_size: int | None = None, max_block: int = SINGLE_TILE_MAX):
     """Per-query table and gradient of the batch SAMI loss of (B, C, C) ``logprobs``.
 
     ``mask`` (B, C, C) bool keeps an entry where True (None: keep all). Returns
@@ -255,15 +261,17 @@ def mi_loss_kernel(logprobs: torch.Tensor, mask: torch.Tensor | None = None, *,
     LOSS (the query's share L_b / Q of the batch loss), COUNT (n_b), ROW_HITS and
     COLUMN_HITS; ``grad`` (B, C, C) in the input dtype (None unless
     ``compute_grad``), the gradient of the batch loss ``out[:, LOSS].sum()``.
-    ``block_size`` (a power of two) forces the tile edge, e.g. to test the
-    multi-tile path at small C.
+    ``block_size`` (a power of two, at most ``max_block``) forces the tile edge, e.g. to
+    test the multi-tile path at small C. A register tile beyond 64 does not compile
+    usefully on a GPU; the interpreter has no registers, so tests may raise ``max_block``
+    to run C = 4096 as one tile quickly.
     """
     B, C, _ = logprobs.shape
     acc_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     if block_size is None:
-        block_size = max(16, triton.next_power_of_2(C)) if C <= _SINGLE_TILE_MAX else _TILE
-    elif block_size < 1 or block_size & (block_size - 1) or block_size > _MAX_BLOCK:
-        raise ValueError(f"block_size must be a power of two <= {_MAX_BLOCK}, got {block_size}")
+        block_size = max(16, triton.next_power_of_2(C)) if C <= SINGLE_TILE_MAX else _TILE
+    elif block_size < 1 or block_size & (block_size - 1) or block_size > max_block:
+        raise ValueError(f"block_size must be a power of two <= {max_block}, got {block_size}")
     out = torch.empty((B, 4), dtype=acc_dtype, device=logprobs.device)
     grad = torch.empty((B, C, C), dtype=logprobs.dtype, device=logprobs.device) if compute_grad else None
     scratch = torch.empty((B, 4, C), dtype=acc_dtype, device=logprobs.device) if C > block_size else None

@@ -10,25 +10,31 @@ gradient directly in their dtype. The per-sequence mean is plain torch.
 import torch
 
 from sami_fast import chunked
-from sami_fast.backend import use_triton
+from sami_fast.backend import Backend, interpreted, resolve
 from sami_fast.kernels.logits_logprobs import logits_logprobs_backward_kernel, logits_logprobs_forward_kernel
 from sami_fast.validation import (
     LABEL_DTYPES, check_every_sequence_scored, check_finite_result, check_float, check_tensor, scored_targets_mask,
 )
 
+# The interpreter runs no warps: one per program, whatever the block.
+INTERPRETER_OPTIONS = dict(num_warps=1)
 
-class _LogitsTokenLogprobs(torch.autograd.Function):
-    """Per-row log p(target) (N,) fp32 (fp64 for fp64) of held logits (N, V); 0 where ignored."""
+
+class _TritonLogitsLogprobs(torch.autograd.Function):
+    """Per-row log p(target) (N,) fp32 of held logits (N, V); 0 where ``targets == ignore_index``.
+
+    ``forward(logits (N, V) with unit stride along V, targets (N,) int64, ignore_index,
+    options)``; ``options``: launcher options (``INTERPRETER_OPTIONS`` under the
+    interpreter). The gradient flows to ``logits`` in their dtype. ``_TorchLogitsLogprobs``
+    has the same contract (fp64 for fp64 logits).
+    """
 
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        # The kernels compute in fp32: fp64 logits take the torch path, which keeps fp64.
-        ctx.triton = logits.dtype != torch.float64 and use_triton(logits, targets)
-        forward = logits_logprobs_forward_kernel if ctx.triton else chunked.logits_logprobs_forward
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+    def forward(ctx, logits, targets, ignore_index, options):
+        ctx.options = options
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         out = torch.empty_like(lse)
-        forward(logits, targets, lse, out, ignore_index)
+        logits_logprobs_forward_kernel(logits, targets, lse, out, ignore_index, **ctx.options)
         ctx.save_for_backward(logits, targets, lse)
         ctx.ignore_index = ignore_index
         return out
@@ -37,21 +43,67 @@ class _LogitsTokenLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         logits, targets, lse = ctx.saved_tensors
-        backward = logits_logprobs_backward_kernel if ctx.triton else chunked.logits_logprobs_backward
         grad_logits = torch.empty_like(logits)
-        backward(logits, targets, lse, grad_out.contiguous(), grad_logits, ctx.ignore_index)
-        return grad_logits, None, None
+        logits_logprobs_backward_kernel(logits, targets, lse, grad_out.contiguous(), grad_logits, ctx.ignore_index,
+                                        **ctx.options)
+        return grad_logits, None, None, None
 
 
-def get_batch_logprobs(logits, labels, ignore_idx=-100, *, check_finite=True):
+class _TorchLogitsLogprobs(torch.autograd.Function):
+    """The PyTorch path (``sami_fast.chunked``), with ``_TritonLogitsLogprobs``'s contract;
+    ``options``: {} or {"chunk_rows": rows of logits per chunk}."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, options):
+        ctx.chunk_rows = options.get("chunk_rows")
+        lse = torch.empty(logits.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32),
+                          device=logits.device)
+        out = torch.empty_like(lse)
+        chunked.logits_logprobs_forward(logits, targets, lse, out, ignore_index, ctx.chunk_rows)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index = ignore_index
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        chunked.logits_logprobs_backward(logits, targets, lse, grad_out.contiguous(), grad_logits, ctx.ignore_index,
+                                         ctx.chunk_rows)
+        return grad_logits, None, None, None
+
+
+_LOGITS_LOGPROBS = {"triton": _TritonLogitsLogprobs, "torch": _TorchLogitsLogprobs}
+
+
+def get_batch_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_idx: int = -100, *,
+                       check_finite: bool = True, backend: Backend | None = None) -> torch.Tensor:
     """Mean log-prob of ``labels[:, 1:]`` under ``logits[:, :-1]`` over non-ignored positions.
 
-    logits (B, T, V) float, labels (B, T) integer; returns (B,) in the logits' dtype,
-    differentiable w.r.t. ``logits``. fp64 logits run the torch path on every backend
-    (the kernels compute in fp32). Logits may be -inf (a vocabulary mask) except at
-    a scored label. Raises ValueError for a sequence with no scored token (the
-    original returns NaN there) or a label outside [0, V) other than ``ignore_idx``;
-    with ``check_finite`` also when the result is NaN or inf.
+    The original SAMI trainer's ``get_batch_logprobs``, fused: one streaming pass over the
+    logits in fp32, no fp32 copy of them.
+
+    Args:
+        logits: (B, T, V) float (fp32, bf16, fp16 or fp64). May be -inf (a vocabulary
+            mask) except at a scored label.
+        labels: (B, T) int64/int32 on logits' device; ``ignore_idx`` where not scored.
+        ignore_idx: the label of unscored positions.
+        check_finite: one host sync: a NaN/inf result raises.
+        backend: None (``SAMI_FAST_BACKEND``, default "auto"), "auto", "triton" or "torch";
+            fp64 logits run the torch path on every backend (the kernels compute in fp32).
+
+    Returns:
+        (B,) in the logits' dtype, differentiable w.r.t. ``logits`` (the gradient has their
+        dtype).
+
+    Raises:
+        TypeError: logits not a float tensor, labels not an integer tensor.
+        ValueError: shapes or devices that do not match, a label outside [0, V) other than
+            ``ignore_idx``, a sequence with no scored token (the original returns NaN
+            there), a bad ``backend``.
+        FloatingPointError: with ``check_finite``, a NaN/inf result.
+        RuntimeError: backend "triton" on CPU tensors without ``TRITON_INTERPRET=1``.
     """
     check_float("logits", logits, dims=(3,))
     check_tensor("labels", labels, dims=(2,), dtypes=LABEL_DTYPES)
@@ -68,10 +120,13 @@ def get_batch_logprobs(logits, labels, ignore_idx=-100, *, check_finite=True):
     # Row (b, t) of the flattened logits predicts labels[b, t + 1]; the last position predicts nothing.
     targets = torch.full((B, T), ignore_idx, dtype=torch.int64, device=labels.device)
     targets[:, :-1] = scored_labels
+    # The kernels compute in fp32: fp64 logits take the torch path, which keeps fp64.
+    backend = resolve(backend, logits, labels)
+    options = INTERPRETER_OPTIONS if backend == "triton" and interpreted(logits) else {}
     rows = logits.reshape(B * T, V)
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    per_row = _LogitsTokenLogprobs.apply(rows, targets.reshape(-1), ignore_idx)
+    per_row = _LOGITS_LOGPROBS[backend].apply(rows, targets.reshape(-1), ignore_idx, options)
     result = (per_row.view(B, T).sum(dim=1) / count).to(logits.dtype)
     if check_finite:
         check_finite_result("get_batch_logprobs", result)

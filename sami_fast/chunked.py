@@ -23,15 +23,21 @@ so no pass over the tile scales it.
 Extra memory is one tile, plus in backward an fp32 dx for the rows and, for a bf16/fp16
 head, an fp32 dW accumulator for one vocabulary block at a time (~32 MiB at most), cast
 into the gradient as each block finishes: never an fp32 copy of all of W. An fp32 head
-accumulates straight into its gradient. The in-place tile helpers below are shared with
-the torch path of ``sami_fast.get_batch_logprobs``.
+accumulates straight into its gradient.
+
+The functions here are the torch twins of the kernel launchers (``linear_logprobs_*``
+of ``kernels/linear_logprobs.py``, ``logits_logprobs_*`` of ``kernels/logits_logprobs.py``);
+the autograd Functions that call them live with their public functions.
 """
 
 import functools
 
 import torch
 
-from sami_fast.validation import check_float, check_positive, check_tensor, scored_targets_mask
+# The backward's fp32 dW accumulator for a bf16/fp16 head: one vocabulary block of ~32 MiB,
+# as in the kernels' backward.
+from sami_fast.kernels.linear_logprobs import D_WEIGHT_CHUNK_ELEMENTS
+from sami_fast.validation import check_positive_int
 
 # Logits per tile (rows x vocabulary block): 64 MiB of fp32, large enough that each matmul
 # is compute-bound (measured on a 2-core EPYC: 4 MiB tiles of 2048 columns, cache-resident,
@@ -42,8 +48,6 @@ TILE_ELEMENTS = 2**24
 VOCAB_BLOCK = None
 # Held logits need no matmul: chunks of 4 MiB (fp32) stay in cache across their passes.
 LOGITS_CHUNK_ELEMENTS = 2**20
-# The backward's fp32 dW accumulator for a bf16/fp16 head: one vocabulary block of ~32 MiB.
-D_WEIGHT_CHUNK_ELEMENTS = 2**23
 
 
 def default_chunk_rows(vocab_size: int, chunk_elements: int = LOGITS_CHUNK_ELEMENTS) -> int:
@@ -80,9 +84,10 @@ def softmax_minus_onehot_(z: torch.Tensor, targets: torch.Tensor, lse: torch.Ten
     return z.scatter_add_(1, column.clamp(0, z.shape[1] - 1).unsqueeze(1), inside.to(z.dtype).neg_().unsqueeze(1))
 
 
-def _autocast_off(backward):
+def autocast_off(backward):
     """A ``.backward()`` called inside an autocast region would recast the backward's
-    matmuls (an fp32 head's dx in bf16): they run in the dtypes the forward chose."""
+    matmuls (an fp32 head's dx in bf16): they run in the dtypes the forward chose.
+    Decorates an autograd Function's ``backward(ctx, grad_out)``."""
 
     @functools.wraps(backward)
     def run(ctx, grad_out):
@@ -94,24 +99,27 @@ def _autocast_off(backward):
     return run
 
 
-class _ChunkedTokenLogprobs(torch.autograd.Function):
-    """log p(target) of rows whose targets all lie in [0, V)."""
+def linear_logprobs_forward(rows, weight, targets, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
+    """(log p(target) (N,), lse (N,)) in fp32 (fp64 for fp64 inputs) of ``rows`` (N, D) under
+    the head ``weight`` (V, D), ``bias`` (V,); every target lies in [0, V).
 
-    @staticmethod
-    def forward(ctx, rows, weight, targets, bias, softcap, temperature, chunk_rows):
-        picked, lse = _picked_and_lse(rows, weight, targets, bias, softcap, temperature, chunk_rows)
-        ctx.save_for_backward(rows, weight, bias, targets, lse)
-        ctx.head_args = (softcap, temperature, chunk_rows)
-        return picked - lse
+    ``chunk_rows``: caps the rows of a logits tile (default: ``tile_shape``'s choice).
+    """
+    if chunk_rows is not None:
+        check_positive_int("chunk_rows", chunk_rows)
+    picked, lse = _picked_and_lse(rows, weight, targets, bias, softcap, temperature, chunk_rows)
+    return picked - lse, lse
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    @_autocast_off
-    def backward(ctx, grad_out):
-        rows, weight, bias, targets, lse = ctx.saved_tensors
-        d_rows, d_weight, d_bias = _gradients(rows, weight, bias, targets, lse, grad_out, *ctx.head_args,
-                                              ctx.needs_input_grad[:4])
-        return d_rows, d_weight, None, d_bias, None, None, None
+
+def linear_logprobs_backward(rows, weight, targets, lse, grad_out, bias=None, softcap=None, temperature=1.0,
+                             need_rows=True, need_weight=True, need_bias=False, chunk_rows=None):
+    """(d_rows, d_weight, d_bias) in the dtypes of rows, weight and bias (None where not
+    needed) for the per-row upstream gradient ``grad_out`` (N,), given the forward's ``lse``.
+
+    ``chunk_rows``: as in ``linear_logprobs_forward``.
+    """
+    return _gradients(rows, weight, bias, targets, lse, grad_out, softcap, temperature, chunk_rows,
+                      (need_rows, need_weight, None, need_bias))
 
 
 def _picked_and_lse(rows, weight, targets, bias, softcap, temperature, chunk_rows):
@@ -232,47 +240,6 @@ class _Head:
         if self.product is None:
             return du
         return self.product[: du.numel()].view(du.shape).copy_(du)
-
-
-def chunked_token_logprobs(
-    rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, ignore_index=-100, chunk_rows=None,
-):
-    """Per-row log p(target) (N,) in fp32 (fp64 for fp64 inputs), 0 where ``targets == ignore_index``;
-    differentiable w.r.t. ``rows``, ``weight`` and ``bias`` for any per-row upstream gradient.
-
-    rows (N, D) and weight (V, D) share a float dtype; targets (N,) int64 is aligned
-    (row i predicts targets[i]); bias (V,). See the module docstring for the math.
-    """
-    check_float("rows", rows, dims=(2,))
-    check_float("weight", weight, dims=(2,))
-    check_tensor("targets", targets, dims=(1,), dtypes=(torch.int64,))
-    if weight.dtype != rows.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match rows dtype {rows.dtype}")
-    if weight.shape[1] != rows.shape[1]:
-        raise ValueError(f"weight must have shape (V, {rows.shape[1]}) to match rows, got {tuple(weight.shape)}")
-    if targets.shape[0] != rows.shape[0]:
-        raise ValueError(f"targets must have shape ({rows.shape[0]},) to match rows, got {tuple(targets.shape)}")
-    vocab = weight.shape[0]
-    if bias is not None:
-        check_float("bias", bias, dims=(1,))
-        if bias.shape[0] != vocab:
-            raise ValueError(f"bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    check_positive("softcap", softcap, allow_none=True)
-    check_positive("temperature", temperature)
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    scored = scored_targets_mask("targets", targets, vocab, ignore_index).nonzero().squeeze(1)
-    if scored.numel() == targets.numel():
-        return scored_token_logprobs(rows, weight, targets, bias, softcap, temperature, chunk_rows)
-    per_row = scored_token_logprobs(rows.index_select(0, scored), weight, targets.index_select(0, scored),
-                                    bias, softcap, temperature, chunk_rows)
-    return per_row.new_zeros(targets.shape[0]).index_copy(0, scored, per_row)
-
-
-def scored_token_logprobs(rows, weight, targets, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
-    """``chunked_token_logprobs`` without its checks, for callers that validated their inputs
-    and kept only scored rows: every target lies in [0, V)."""
-    return _ChunkedTokenLogprobs.apply(rows, weight, targets, bias, softcap, float(temperature), chunk_rows)
 
 
 def logits_logprobs_forward(logits, targets, lse, out, ignore_index, chunk_rows=None):

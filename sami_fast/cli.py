@@ -84,7 +84,8 @@ def _train(args, preset=None) -> int:
     policy = trainer.train()
     if trainer.parallel.is_main:  # under torchrun: one summary, not one per process
         print(f"sami-fast train: {config.iterations} iteration(s) in {time.perf_counter() - started:.0f} s; "
-              f"policy in {policy}; metrics in {Path(config.out) / 'metrics.jsonl'}; plot {Path(config.out) / 'training.png'}")
+              f"policy in {policy}; metrics in {Path(config.out) / 'metrics.jsonl'}; "
+              f"plot {Path(config.out) / 'training.png'}")
     return 0
 
 

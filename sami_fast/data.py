@@ -43,7 +43,7 @@ class DataError(ValueError):
     """Bad data: the message starts with ``"<path>:<line>: "`` (``"<path>: "`` for a whole-file problem)."""
 
     @classmethod
-    def at(cls, path, message: str, line: int | None = None) -> "DataError":
+    def at(cls, path, message: str, line: int | None = None) -> DataError:
         where = f"{path}:{line}" if line is not None else f"{path}"
         return cls(f"{where}: {message}")
 
@@ -423,7 +423,8 @@ def load_queries(path) -> list[Query]:
             queries.append(Query(line.strip(), {}, f"{path}:{number}"))
             continue
         try:
-            record = json.loads(line, object_pairs_hook=lambda pairs: _reject_duplicate_keys(pairs, path, number))
+            # json.loads calls the hook before the next iteration: binding ``number`` late is fine.
+            record = json.loads(line, object_pairs_hook=lambda pairs: _reject_duplicate_keys(pairs, path, number))  # noqa: B023
         except json.JSONDecodeError as error:
             raise DataError.at(path, f"malformed JSON: {error.msg} (column {error.colno})", number) from None
         if not isinstance(record, dict):

@@ -170,7 +170,8 @@ class Parallel:
         return scorer
 
     def share(self, items: list, rank: int | None = None) -> list:
-        """Rank ``rank``'s (default: this one's) contiguous share of ``items``; the first ``len % world_size`` take one more."""
+        """Rank ``rank``'s (default: this one's) contiguous share of ``items``; the first
+        ``len % world_size`` take one more."""
         rank = self.rank if rank is None else rank
         base, extra = divmod(len(items), self.world_size)
         start = rank * base + min(rank, extra)

@@ -148,7 +148,8 @@ class EvalConfig(ConfigFile):
         for name in ("do_sample", "win_rate", "quiet"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop_strings):
+        strings = self.stop_strings
+        if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
             raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
         self.stop_strings = list(self.stop_strings)
         for name in ("base", "judge", "queries", "principles", "template", "judge_template"):
@@ -228,7 +229,7 @@ def held_out_queries(config: EvalConfig, trained: set = frozenset()) -> list:
     kept = [query for query in queries if query.text not in trained]
     if len(kept) < len(queries):
         warnings.warn(f"{len(queries) - len(kept)} of the queries were trained on (they are in the training run's "
-                      "data.jsonl); they are left out")
+                      "data.jsonl); they are left out", stacklevel=2)
     if config.max_queries is not None:
         kept = kept[: config.max_queries]
     if not kept:
@@ -558,7 +559,8 @@ class Evaluator:
         identical = np.array([r["policy_response"] == r["base_response"] for r in records], dtype=bool)
         verdict = verdicts(p_policy, identical, self.config.tie_margin)
         for i, record in enumerate(records):
-            record.update(p_policy_as_a=float(judged["p_policy_as_a"][i]), p_policy_as_b=float(judged["p_policy_as_b"][i]),
+            record.update(p_policy_as_a=float(judged["p_policy_as_a"][i]),
+                          p_policy_as_b=float(judged["p_policy_as_b"][i]),
                           p_policy=float(p_policy[i]), verdict=float(verdict[i]), identical=bool(identical[i]),
                           verdict_mass=float(judged["verdict_mass"][i]))
         return records

@@ -398,7 +398,7 @@ def _row_cache(parts: CausalLMParts, states: PromptStates, row_prompt):
 
 
 def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int, reduction="mean",
-                    always_run_decoder=False):
+                    always_run_decoder=False, backend=None):
     """Mean (``reduction="sum"``: summed) log-prob of ``responses[i]`` given prompt ``pair_prompt[i]``: shape (n,).
 
     Response i is fed without its last token (which predicts nothing); its first
@@ -409,7 +409,7 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
     for finiteness (callers name the pair). When every response has one token
     nothing is fed, unless ``always_run_decoder`` (FSDP2 ranks must run the same
     layer calls): then a masked padding token is, and its (unused) row gets zero
-    gradient.
+    gradient. ``backend``: of the fused head, as in ``sequence_logprobs``.
     """
     device = parts.head_weight.device
     n_prompts = states.last_hidden.shape[0]
@@ -445,6 +445,7 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
         softcap=parts.softcap,
         temperature=parts.temperature,
         check_finite=False,
+        backend=backend,
     )
 
 
@@ -500,7 +501,7 @@ def _eval_mode(model):
             module.training = mode
 
 
-def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> None:
+def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int, backend=None) -> None:
     """Score both ``responses`` after both ``prompts`` both ways; refuse the model if they disagree.
 
     The two prompts run left-padded in one batch (so the shorter one is offset in
@@ -523,7 +524,7 @@ def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> 
     bf16: 3e-2 measured against 20 allowed), so there the check catches only
     gross errors: for a sharp check, score one batch with an fp32 copy (which
     self-checks it) and ``trust_architecture`` the half-precision model. An error raised while checking
-    (the model cannot run what scoring needs) is a refusal too.
+    (the model cannot run what scoring needs) is a refusal too. ``backend``: of the fused head.
     """
     dtype = parts.head_weight.dtype
     device = parts.head_weight.device
@@ -534,7 +535,8 @@ def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> 
             states = run_prompts(parts, prompts, pad_id)
             pair_prompt = torch.tensor([0, 0, 1, 1], device=device)
             pair_responses = [responses[0], responses[1]] * 2
-            shared = score_responses(parts, states, pair_prompt, pair_responses, pad_id)
+            shared = score_responses(parts, states, pair_prompt, pair_responses, pad_id,
+                                     backend=backend)
             full, largest = _full_sequence_scores(model, [prompts[i] for i in pair_prompt.tolist()], pair_responses)
     except torch.cuda.OutOfMemoryError:
         raise
@@ -558,16 +560,17 @@ def self_check(model, parts: CausalLMParts, prompts, responses, pad_id: int) -> 
     _CHECKED[model] = "self-checked"
 
 
-def ensure_checked(model, parts: CausalLMParts, sample, pad_id: int, enabled: bool) -> None:
+def ensure_checked(model, parts: CausalLMParts, sample, pad_id: int, enabled: bool, backend=None) -> None:
     """Unless ``enabled`` is False: raise for a model that failed its self-check, and self-check an
-    unverified model on first use (``sample()`` gives its two prompts and two responses)."""
+    unverified model on first use (``sample()`` gives its two prompts and two responses; ``backend``:
+    of the fused head)."""
     if not enabled or parts.verified:
         return
     state = _CHECKED.get(model)
     if isinstance(state, UnsupportedArchitectureError):
         raise state
     if state is None:
-        self_check(model, parts, *sample(), pad_id)
+        self_check(model, parts, *sample(), pad_id, backend)
 
 
 def layer_checkpointing_active(model) -> bool:

@@ -1,4 +1,5 @@
-"""Loading a causal LM and its tokenizer from what a user names: a directory, a hub name, a ``.gguf`` file, or nothing."""
+"""Loading a causal LM and its tokenizer from what a user names: a directory, a hub name, a
+``.gguf`` file, or nothing."""
 
 from pathlib import Path
 

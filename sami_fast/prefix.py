@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from sami_fast.backend import Backend, check_backend
 from sami_fast.hf import (
     causal_lm_parts,
     check_lengths,
@@ -27,7 +28,7 @@ from sami_fast.hf import (
     score_responses,
 )
 from sami_fast.loss import sami_loss
-from sami_fast.validation import check_tensor
+from sami_fast.validation import check_positive_int, check_tensor
 
 SCORE_REDUCTIONS = ("mean", "sum")
 
@@ -42,6 +43,7 @@ class _Pairs:
     pair_prompt: torch.Tensor  # (B*C*R,) index into prompts
     pair_response: list  # (B*C*R,) index into responses
     pad_id: int
+    backend: str | None = None  # of the fused head and the loss, as in ``sequence_logprobs``
 
 
 def _token_groups(name: str, groups, vocab_size: int):
@@ -70,7 +72,7 @@ def _token_groups(name: str, groups, vocab_size: int):
     return flat, width, longest
 
 
-def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
+def _pairs(parts, prompts, responses, pad_token_id, backend=None) -> _Pairs:
     flat_prompts, C, prompt_max = _token_groups("prompts", prompts, parts.vocab_size)
     flat_responses, R, response_max = _token_groups("responses", responses, parts.vocab_size)
     B = len(prompts)
@@ -88,7 +90,8 @@ def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
         # Padding is always masked out, so any valid id serves but the embedding's padding_idx: its zero
         # embedding gives NaN gradients in models that normalise embeddings (Gemma 3n's sqrt(mean(x^2))).
         pad_id = 1 if parts.embedding_padding_idx == 0 else 0
-    elif isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or not 0 <= pad_token_id < parts.vocab_size:
+    elif (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+          or not 0 <= pad_token_id < parts.vocab_size):
         raise ValueError(f"pad_token_id must be an id in [0, {parts.vocab_size}), got {pad_token_id!r}")
     else:
         pad_id = pad_token_id
@@ -101,6 +104,7 @@ def _pairs(parts, prompts, responses, pad_token_id) -> _Pairs:
         pair_prompt=(b * C + k).reshape(-1).to(device),
         pair_response=(b * R + j).reshape(-1).tolist(),
         pad_id=pad_id,
+        backend=backend,
     )
 
 
@@ -135,7 +139,8 @@ def _check_finite(model, pairs: _Pairs, scores: torch.Tensor, start: int, reduct
     if search:
         parts = causal_lm_parts(model)
         with torch.no_grad(), layer_checkpointing_off(model):
-            alone = (i for i in candidates if not bool(torch.isfinite(_chunk_scores(parts, pairs, i, i + 1, reduction))))
+            alone = (i for i in candidates
+                     if not bool(torch.isfinite(_chunk_scores(parts, pairs, i, i + 1, reduction))))
             index = next(alone, index)
     _, C, R = pairs.shape
     b, k, j = index // (C * R), index // R % C, index % R
@@ -152,8 +157,7 @@ def _check_finite(model, pairs: _Pairs, scores: torch.Tensor, start: int, reduct
 def _chunks(n_pairs: int, micro_batch_size):
     if micro_batch_size is None:
         return [(0, n_pairs)]
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be a positive int (pairs per chunk), got {micro_batch_size!r}")
+    check_positive_int("micro_batch_size", micro_batch_size, meaning="pairs per chunk")
     return [(s, min(s + micro_batch_size, n_pairs)) for s in range(0, n_pairs, micro_batch_size)]
 
 
@@ -172,9 +176,32 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, SCORE_REDUCTIONS))}, got {reduction!r}")
 
 
-def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_size=None, reduction="mean",
-                   self_check=True) -> torch.Tensor:
+def logprob_matrix(model, prompts: list, responses: list, *, pad_token_id: int | None = None,
+                   micro_batch_size: int | None = None, reduction: str = "mean", self_check: bool = True,
+                   backend: Backend | None = None) -> torch.Tensor:
     """(B, C, R) SAMI scores: ``[b, k, j]`` = mean log-prob of ``responses[b][j]`` given ``prompts[b][k]``.
+
+    Args:
+        model: a transformers causal LM, or a ``PairScorer`` of one (possibly in
+            ``DistributedDataParallel`` or the FSDP2 root).
+        prompts: B lists of C 1-D int64 tensors (principle + query ids, BOS included).
+        responses: B lists of R 1-D int64 tensors (no BOS).
+        pad_token_id: the id fed at padded positions (default: an id other than the input
+            embedding's padding_idx).
+        micro_batch_size: None (all pairs in one forward) or pairs per forward.
+        reduction: "mean" or "sum" of the response-token log-probs.
+        self_check: self-check an unverified architecture on first use.
+        backend: of the fused LM head, as in ``sequence_logprobs``.
+
+    Returns:
+        (B, C, R) in fp32 (fp64 for an fp64 model), differentiable w.r.t. every parameter.
+
+    Raises:
+        TypeError, ValueError: malformed ``prompts``/``responses`` (naming the entry), bad
+            options.
+        sami_fast.hf.UnsupportedArchitectureError: a structure that cannot be scored exactly,
+            or a failed self-check.
+        FloatingPointError: a NaN/inf score, naming its (query, prompt, response).
 
     ``prompts``: B lists of C 1-D LongTensors (principle + query ids, BOS
     included); ``responses``: B lists of R 1-D LongTensors (no BOS). Equal, within
@@ -197,10 +224,11 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     NaN/inf score raises ``FloatingPointError`` naming its (query, prompt, response).
     """
     _check_reduction(reduction)
+    check_backend(backend)
     given = model
     scorer, model = _scorer_and_model(model)
     parts = causal_lm_parts(model)
-    pairs = _pairs(parts, prompts, responses, pad_token_id)
+    pairs = _pairs(parts, prompts, responses, pad_token_id, backend)
     _ensure_checked(scorer, model, parts, pairs, self_check)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
     if scorer is given:  # a scorer passed in: each chunk through it (its wrapper's hooks run)
@@ -217,6 +245,8 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
             [pairs.responses[i] for i in pairs.pair_response[s:e]],
             pairs.pad_id,
             reduction,
+            False,
+            pairs.backend,
             checkpointed=checkpointed,
         )
         for s, e in chunks
@@ -226,14 +256,15 @@ def logprob_matrix(model, prompts, responses, *, pad_token_id=None, micro_batch_
     return torch.cat(scores).reshape(pairs.shape)
 
 
-def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str, always_run_decoder=False) -> torch.Tensor:
+def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str,
+                  always_run_decoder=False) -> torch.Tensor:
     """Scores of pairs [start, stop), re-running just the prompts they need."""
     first = int(pairs.pair_prompt[start])
     last = int(pairs.pair_prompt[stop - 1])
     states = run_prompts(parts, pairs.prompts[first : last + 1], pairs.pad_id)
     responses = [pairs.responses[i] for i in pairs.pair_response[start:stop]]
     return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id, reduction,
-                           always_run_decoder=always_run_decoder)
+                           always_run_decoder=always_run_decoder, backend=pairs.backend)
 
 
 def _rng_state(device: torch.device):
@@ -268,7 +299,8 @@ class PairScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, pairs: _Pairs, start: int, stop: int, reduction: str) -> torch.Tensor:
-        """Scores of pairs ``[start, stop)`` of ``pairs`` (as ``sami_backward`` prepares them): shape (stop - start,)."""
+        """Scores of pairs ``[start, stop)`` of ``pairs`` (as ``sami_backward`` prepares them):
+        shape (stop - start,)."""
         # Sharded, every chunk makes the same layer calls on every rank (each call is a collective).
         return _chunk_scores(causal_lm_parts(self.model), pairs, start, stop, reduction,
                              always_run_decoder=_is_fsdp_module(self))
@@ -279,7 +311,8 @@ class PairScorer(torch.nn.Module):
 
 
 def _scorer_and_model(model):
-    """(scorer, causal LM) for ``model``: a causal LM, a ``PairScorer``, or a ``PairScorer`` in ``DistributedDataParallel``."""
+    """(scorer, causal LM) for ``model``: a causal LM, a ``PairScorer``, or a ``PairScorer`` in
+    ``DistributedDataParallel``."""
     inner = getattr(model, "module", None) if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     if isinstance(inner, PairScorer):
         return model, inner.model
@@ -292,7 +325,8 @@ def _scorer_and_model(model):
 
 
 def _refuse_sharded(model) -> None:
-    """Outside the FSDP2 root's forward the root's parameters are shards (DTensors): scoring them would fail or be wrong."""
+    """Outside the FSDP2 root's forward the root's parameters are shards (DTensors): scoring them
+    would fail or be wrong."""
     if torch.distributed.is_available():
         from torch.distributed.tensor import DTensor
 
@@ -304,10 +338,10 @@ def _refuse_sharded(model) -> None:
 def _ensure_checked(scorer, model, parts, pairs: _Pairs, enabled: bool) -> None:
     """``ensure_checked`` for ``model``; under FSDP2 through the root (the self-check runs the model)."""
     if not _is_fsdp_module(scorer):
-        ensure_checked(model, parts, lambda: _self_check_sample(pairs), pairs.pad_id, enabled)
+        ensure_checked(model, parts, lambda: _self_check_sample(pairs), pairs.pad_id, enabled, pairs.backend)
         return
     scorer.run(lambda model: ensure_checked(model, causal_lm_parts(model), lambda: _self_check_sample(pairs),
-                                            pairs.pad_id, enabled))
+                                            pairs.pad_id, enabled, pairs.backend))
 
 
 def _gradient_sync(scorer, sync: bool):
@@ -339,9 +373,26 @@ def _fsdp_no_sync(module):
         module.set_requires_gradient_sync(True)
 
 
-def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, reduction="mean", loss_weight=1.0,
-                  self_check=True, sync_gradients=True, min_chunks=None):
+def sami_backward(model, prompts: list, responses: list, *, micro_batch_size: int,
+                  mask: torch.Tensor | None = None, reduction: str = "mean", loss_weight: float = 1.0,
+                  self_check: bool = True, sync_gradients: bool = True, min_chunks: int | None = None,
+                  backend: Backend | None = None) -> tuple[torch.Tensor, dict]:
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
+
+    Args:
+        model, prompts, responses, reduction, self_check: as in ``logprob_matrix`` (C == R).
+        micro_batch_size: (prompt, response) pairs per chunk: bounds the peak memory.
+        mask: None or (B, C, C) bool, as in ``sami_loss``.
+        loss_weight: the gradients accumulated are those of ``loss_weight * loss``.
+        sync_gradients: whether this call's last backward reduces gradients across ranks.
+        min_chunks: run at least this many chunks (FSDP2 ranks must agree).
+        backend: of the fused LM head and the loss, as in ``sequence_logprobs``.
+
+    Returns:
+        ``(loss, stats)``: the detached 0-dim loss and ``sami_loss``'s stats.
+
+    Raises:
+        ValueError: no trainable parameter, C != R, bad options; as ``logprob_matrix`` otherwise.
 
     Gradient caching keeps peak memory at one chunk of ``micro_batch_size`` pairs:
     (1) the matrix is computed chunk by chunk without a graph; (2) the loss and
@@ -367,6 +418,7 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
     run the same number of chunks.
     """
     _check_reduction(reduction)
+    check_backend(backend)
     if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not math.isfinite(loss_weight):
         raise ValueError(f"loss_weight must be a finite number, got {loss_weight!r}")
     if not isinstance(sync_gradients, bool):
@@ -378,17 +430,15 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
             f"sami_backward: no parameter of model ({type(model).__name__}) requires grad, so there is nothing to "
             "train; unfreeze some (requires_grad_(True)), or use logprob_matrix under torch.no_grad() for scores"
         )
-    pairs = _pairs(parts, prompts, responses, pad_token_id=None)
+    pairs = _pairs(parts, prompts, responses, pad_token_id=None, backend=backend)
     B, C, R = pairs.shape
     if C != R:
         raise ValueError(
             f"sami_backward needs square matrices: responses[b] must hold as many responses as prompts[b] "
             f"has prompts (C == R), got C={C}, R={R}"
         )
-    if micro_batch_size is None:
-        raise ValueError("micro_batch_size must be a positive int (pairs per chunk), got None")
-    if min_chunks is not None and (isinstance(min_chunks, bool) or not isinstance(min_chunks, int) or min_chunks < 1):
-        raise ValueError(f"min_chunks must be None or a positive int, got {min_chunks!r}")
+    check_positive_int("micro_batch_size", micro_batch_size, meaning="pairs per chunk")
+    check_positive_int("min_chunks", min_chunks, allow_none=True)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
     padding = max(0, (min_chunks or 0) - len(chunks))
     if mask is not None:
@@ -409,7 +459,8 @@ def sami_backward(model, prompts, responses, *, micro_batch_size, mask=None, red
                 scorer(pairs, *chunks[-1], reduction)
         matrix = torch.cat(pieces).reshape(pairs.shape).requires_grad_()
         with torch.enable_grad():
-            loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True)
+            loss, stats = sami_loss(matrix, None if mask is None else mask.to(device), return_stats=True,
+                                    backend=backend)
             (d_matrix,) = torch.autograd.grad(loss, matrix)
         d_scores = d_matrix.reshape(-1) * loss_weight
         resume = _rng_state(device)

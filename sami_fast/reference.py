@@ -83,6 +83,52 @@ def stats(logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         }
 
 
+# ---------------------------------------------------------------- the original SAMI functions
+# Transcribed from janphilippfranken/sami, src/sami/trainers/sami_trainer.py (the labels are
+# made on the scores' device, so that they run on a GPU too); tests/test_reference.py checks
+# the functions above against them, and the benchmarks time them.
+
+
+def original_sami_loss(logprobs: torch.Tensor) -> torch.Tensor:
+    """The original trainer's loss of one (C, C) matrix."""
+    logsumexp_row = torch.logsumexp(logprobs, dim=1, keepdim=True)
+    logsumexp_col = torch.logsumexp(logprobs, dim=0, keepdim=True)
+    logits_row = logprobs - logsumexp_row
+    logits_col = logprobs - logsumexp_col
+    labels_row = torch.arange(logits_row.shape[0], dtype=torch.long, device=logprobs.device)
+    labels_col = torch.arange(logits_col.shape[0], dtype=torch.long, device=logprobs.device)
+    loss_row = F.cross_entropy(logits_row, labels_row, reduction="mean")
+    loss_col = F.cross_entropy(logits_col.t(), labels_col, reduction="mean")
+    return (loss_col + loss_row) / 2
+
+
+def original_batched_sami_loss(logprobs: torch.Tensor) -> torch.Tensor:
+    """The original composition over (B, C, C) at once: the mean of the per-query losses."""
+    B, C, _ = logprobs.shape
+    labels = torch.arange(C, device=logprobs.device).expand(B, C)
+    logits_row = logprobs - torch.logsumexp(logprobs, dim=2, keepdim=True)
+    logits_col = logprobs - torch.logsumexp(logprobs, dim=1, keepdim=True)
+    # cross_entropy takes classes on dim 1: rows score responses j, columns constitutions k.
+    loss_row = F.cross_entropy(logits_row.transpose(1, 2), labels)
+    loss_col = F.cross_entropy(logits_col, labels)
+    return (loss_col + loss_row) / 2
+
+
+def original_get_batch_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_idx: int = -100) -> torch.Tensor:
+    """The original trainer's ``get_batch_logprobs`` (NaN for a sequence with no scored token)."""
+    labels = labels[:, 1:].clone()
+    logits = logits[:, :-1]
+    loss_mask = labels == ignore_idx
+    per_token_logprobs = -F.cross_entropy(
+        input=logits.reshape(-1, logits.size(-1)), target=labels.reshape(-1), reduction="none"
+    ).reshape(labels.shape)
+    per_token_logprobs[loss_mask] = 0
+    return per_token_logprobs.sum(dim=-1) / torch.logical_not(loss_mask).sum(dim=1)
+
+
+# ---------------------------------------------------------------- the semantics sami_fast implements
+
+
 def get_batch_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_idx: int = -100) -> torch.Tensor:
     """Mean log-prob of ``labels[:, 1:]`` under ``logits[:, :-1]`` over non-ignored positions.
 
@@ -115,15 +161,16 @@ def shifted_rows(hidden, labels, ignore_index=-100, shift=True, cu_seqlens=None)
             T = T - 1
         segment = torch.arange(B, device=hidden.device).repeat_interleave(T)
         return hidden.reshape(B * T, D), labels.reshape(B * T), segment, B
-    N = hidden.shape[0]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
-    targets = labels
-    if shift:
-        targets = torch.full_like(labels, ignore_index)
-        same_segment = segment[1:] == segment[:-1]
-        targets[:-1] = torch.where(same_segment, labels[1:], targets[:-1])
-    return hidden, targets, segment, len(lengths)
+    # One sequence at a time (a formulation of its own, not the implementation's vectorised one).
+    offsets = [int(o) for o in cu_seqlens]
+    targets, segment = [], []
+    for b, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
+        sequence = labels[start:end]
+        if shift and end > start:
+            sequence = torch.cat([sequence[1:], sequence.new_full((1,), ignore_index)])
+        targets.append(sequence)
+        segment.append(torch.full((end - start,), b, dtype=torch.long, device=hidden.device))
+    return hidden, torch.cat(targets), torch.cat(segment), len(offsets) - 1
 
 
 def token_logprobs(rows, weight, targets, ignore_index=-100, bias=None, softcap=None, temperature=1.0):

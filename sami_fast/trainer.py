@@ -2,8 +2,9 @@
 
 ``encode_sami_batch`` turns B queries, each with C constitutions and R
 responses, into the token-id lists ``logprob_matrix`` and ``sami_backward``
-take (``encode_prompts`` alone gives the prompts to generate the responses from). ``SAMITrainer.step`` is one SAMI update with gradient caching: memory is
-bounded by one micro-batch of (prompt, response) pairs, whatever C*R is.
+take (``encode_prompts`` alone gives the prompts to generate the responses from).
+``SAMITrainer.step`` is one SAMI update with gradient caching: memory is bounded by one
+micro-batch of (prompt, response) pairs, whatever C*R is.
 """
 
 import math
@@ -11,8 +12,10 @@ import warnings
 
 import torch
 
+from sami_fast.backend import check_backend
 from sami_fast.distributed import all_ranks_agree, gradient_norm
 from sami_fast.prefix import PairScorer, sami_backward
+from sami_fast.validation import check_positive, check_positive_int
 
 PLAIN_TEMPLATE = "{constitution}\n\nUser: {query}\nAssistant:"
 
@@ -175,10 +178,11 @@ class MasterWeights:
 
 
 def _check_optional_positive(name: str, value) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
-    ):
-        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}")
+    """None or a positive finite number; every bad value is a ValueError here."""
+    try:
+        check_positive(name, value, allow_none=True)
+    except TypeError as error:
+        raise ValueError(f"{name} must be None or a positive finite number, got {value!r}") from error
 
 
 class SAMITrainer:
@@ -207,17 +211,20 @@ class SAMITrainer:
     step's queries; whether a step is skipped is decided by all ranks together.
     Under FSDP2 the ranks must also make the same calls with the same number of
     chunks (``min_chunks`` pads; ``sami_fast.distributed.Parallel.lockstep``).
+
+    ``backend``: of the fused LM head and the loss, as in ``sami_fast.sequence_logprobs``.
     """
 
     def __init__(self, model, optimizer, *, micro_batch_size, max_grad_norm=None, master_weights=None,
-                 reduction="mean", scorer=None):
+                 reduction="mean", scorer=None, backend=None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be a positive int (pairs per chunk), got {micro_batch_size!r}")
+        check_positive_int("micro_batch_size", micro_batch_size, meaning="pairs per chunk")
         _check_optional_positive("max_grad_norm", max_grad_norm)
+        check_backend(backend)
+        self.backend = backend
         if master_weights is not None and not isinstance(master_weights, MasterWeights):
             raise TypeError(f"master_weights must be None or a MasterWeights, got {type(master_weights).__name__}")
         inner = scorer.module if isinstance(scorer, torch.nn.parallel.DistributedDataParallel) else scorer
@@ -242,6 +249,7 @@ class SAMITrainer:
         loss, stats = sami_backward(
             self.scorer or self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask,
             reduction=self.reduction, loss_weight=weight, sync_gradients=sync_gradients, min_chunks=min_chunks,
+            backend=self.backend,
         )
         self._losses.append(loss)
         return {"loss": float(loss), **{name: float(value) for name, value in stats.items()}}

@@ -38,6 +38,7 @@ from sami_fast.distributed import Parallel, resolve_mode
 from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason, run_generator
 from sami_fast.models import DTYPES, load_causal_lm
 from sami_fast.trainer import MasterWeights, SAMITrainer, _check_template, _prompt_text
+from sami_fast.validation import check_positive_int
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 # The embedded data's first queries train (a default run fits in minutes on a CPU); the rest are held out.
@@ -54,7 +55,7 @@ class ConfigFile:
     """``from_file`` / ``from_dict`` for an options dataclass (``TrainConfig``, ``EvalConfig``)."""
 
     @classmethod
-    def from_file(cls, path, **overrides) -> "ConfigFile":
+    def from_file(cls, path, **overrides) -> ConfigFile:
         """A config from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error naming them."""
         return cls.from_dict({**cls.read_file(path), **overrides}, where=str(path))
 
@@ -73,13 +74,14 @@ class ConfigFile:
             else:
                 values = json.loads(text)
         except Exception as error:  # the parsers' own errors say where
-            raise ValueError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {error}")
+            kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+            raise ValueError(f"{path}: not valid {kind}: {error}") from error
         if not isinstance(values, dict):
             raise ValueError(f"{path}: must hold a mapping of option names to values")
         return values
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "ConfigFile":
+    def from_dict(cls, values: dict, where: str = "config") -> ConfigFile:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -89,11 +91,7 @@ class ConfigFile:
     # Checks for __post_init__; each error names the option.
 
     def _positive_int(self, name, allow_none=False):
-        value = getattr(self, name)
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+        check_positive_int(name, getattr(self, name), allow_none=allow_none)
 
     def _number(self, name, low, allow_none=False, inclusive=False):
         value = getattr(self, name)
@@ -174,7 +172,8 @@ class TrainConfig(ConfigFile):
                      "save_steps"):
             positive_int(name, allow_none=True)
         if self.num_constitutions < 2:
-            raise ValueError(f"num_constitutions must be at least 2 (SAMI contrasts constitutions), got {self.num_constitutions}")
+            raise ValueError(
+                f"num_constitutions must be at least 2 (SAMI contrasts constitutions), got {self.num_constitutions}")
         number("lr", 0)
         number("temperature", 0)
         number("top_p", 0)
@@ -191,7 +190,8 @@ class TrainConfig(ConfigFile):
         choice("score_reduction", ("mean", "sum"))
         choice("dtype", tuple(DTYPES))
         choice("distributed", DISTRIBUTED_MODES)
-        if not isinstance(self.stop_strings, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop_strings):
+        if (not isinstance(self.stop_strings, (list, tuple))
+                or not all(isinstance(s, str) and s for s in self.stop_strings)):
             raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
         self.stop_strings = list(self.stop_strings)
         for name in ("model", "queries", "principles", "train_data", "template"):
@@ -210,7 +210,8 @@ class TrainConfig(ConfigFile):
 
 @dataclass
 class Example:
-    """One training query: its C prompts (prompt k under constitution k) and C responses (response j under constitution j)."""
+    """One training query: its C prompts (prompt k under constitution k) and C responses
+    (response j under constitution j)."""
 
     example_id: str
     query: str | None
@@ -250,7 +251,8 @@ def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
 
 
 def build_schedule(config: TrainConfig, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0 at ``total_steps``."""
+    """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0
+    at ``total_steps``."""
     warmup, kind = config.warmup_steps, config.lr_schedule
 
     def factor(step: int) -> float:
@@ -349,9 +351,10 @@ class Trainer:
         self.scorer = self.parallel.wrap(self.model)
         self.tokenizer = tokenizer
         self.template = _check_template(tokenizer, config.template)
-        self.make_generator = make_generator or (lambda model, tokenizer, cfg: HFGenerator(model, tokenizer, GenerationConfig(
-            max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-            top_p=cfg.top_p, stop_strings=tuple(cfg.stop_strings))))
+        self.make_generator = make_generator or (lambda model, tokenizer, cfg: HFGenerator(
+            model, tokenizer, GenerationConfig(
+                max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                top_p=cfg.top_p, stop_strings=tuple(cfg.stop_strings))))
         # Each iteration restarts from the base weights.
         self.base_state = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         self.queries = None if config.train_data else self._load_queries()
@@ -456,7 +459,8 @@ class Trainer:
         return {
             "example_id": example.example_id, "query": example.query, "constitutions": example.constitutions,
             "prompts": [p.text for p in example.prompts], "responses": example.responses,
-            "finished": example.finished, "dropped": dropped_reason, **({"fields": example.fields} if example.fields else {}),
+            "finished": example.finished, "dropped": dropped_reason,
+            **({"fields": example.fields} if example.fields else {}),
         }
 
     def _load_examples(self, path: Path) -> list:
@@ -504,7 +508,8 @@ class Trainer:
         return self.config.steps_per_iteration or max(1, math.ceil(n_examples / per_step))
 
     def _step_examples(self, examples: list, iteration: int, step: int) -> list:
-        """The queries of optimiser step ``step`` (0-based): epochs of seeded permutations, so the position is the step."""
+        """The queries of optimiser step ``step`` (0-based): epochs of seeded permutations, so the
+        position is the step."""
         per_step = self.config.batch_size * self.config.gradient_accumulation_steps
         chosen = []
         for position in range(step * per_step, (step + 1) * per_step):
@@ -554,8 +559,8 @@ class Trainer:
             prompts = [[p.ids for p in example.prompts] for example in batch]
             responses = [self._response_ids(example) for example in batch]
             # The ranks' gradients are averaged: scaled by the world size, the average is the whole step's gradient.
-            result = trainer.accumulate(prompts, responses, weight=len(batch) * self.parallel.gradient_scale() / len(chosen),
-                                        sync_gradients=last, min_chunks=min_chunks)
+            weight = len(batch) * self.parallel.gradient_scale() / len(chosen)
+            result = trainer.accumulate(prompts, responses, weight=weight, sync_gradients=last, min_chunks=min_chunks)
             for name, value in result.items():
                 totals[name] = totals.get(name, 0.0) + value * len(batch) / len(chosen)
             C = len(prompts[0])
@@ -573,7 +578,8 @@ class Trainer:
         if checkpoint is not None:
             self._check_same_options(checkpoint["config"])
         if self.resume and checkpoint is None:
-            warnings.warn(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning")
+            warnings.warn(f"resume: no checkpoint in {self.out / 'checkpoints'}; starting from the beginning",
+                          stacklevel=2)
         if checkpoint is None and self.parallel.is_main:
             for name in ("metrics.jsonl", "metrics.csv"):
                 (self.out / name).unlink(missing_ok=True)

@@ -45,6 +45,18 @@ def check_positive(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
+def check_positive_int(name: str, value, *, allow_none: bool = False, meaning: str = "") -> None:
+    """A positive int, not a bool (or None when ``allow_none``): chunk sizes, counts.
+
+    Raises a ValueError naming ``name`` (and ``meaning``, e.g. "pairs per chunk") otherwise.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        expected = "a positive int" + (" or None" if allow_none else "") + (f" ({meaning})" if meaning else "")
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def scored_targets_mask(name: str, targets: torch.Tensor, vocab: int, ignore_index: int,
                         ignore_name: str = "ignore_index") -> torch.Tensor:
     """``targets != ignore_index``, after checking that every other target lies in [0, vocab) (one sync)."""

@@ -36,7 +36,8 @@ def spilled_bytes(ptx: str) -> int:
         with open(source, "w") as f:
             f.write(ptx)
         report = subprocess.run(
-            [get_ptxas(HOPPER.arch).path, "-v", "--gpu-name", "sm_90a", source, "-o", os.path.join(tmp, "kernel.cubin")],
+            [get_ptxas(HOPPER.arch).path, "-v", "--gpu-name", "sm_90a", source,
+             "-o", os.path.join(tmp, "kernel.cubin")],
             capture_output=True, text=True, check=True,
         ).stderr
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
@@ -69,7 +70,7 @@ def linear_logprobs_configs():
             "D": "i32", "stride_row": "i32", "stride_weight": "i32", "softcap": "fp32", "inv_temperature": "fp32",
             "n_splits": "i32",
         }
-        for config in linear._linear_logprobs_kernel.configs:
+        for config in linear.FORWARD_CONFIGS:
             yield (f"linear_logprobs forward {name} {config.kwargs}", linear._linear_logprobs_kernel, forward,
                    {"HAS_BIAS": True, "HAS_SOFTCAP": True, "EVEN_D": False, **flags, **config.kwargs},
                    config.num_warps, config.num_stages, wants_tensor_cores)
@@ -79,7 +80,7 @@ def linear_logprobs_configs():
             "d_weight_ptr": "*fp32", "d_bias_ptr": "*fp32", "M": "i32", "V": "i32", "D": "i32", "vocab_start": "i32",
             "stride_row": "i32", "stride_weight": "i32", "softcap": "fp32", "inv_temperature": "fp32",
         }
-        for config in linear._linear_logprobs_backward_kernel.configs:
+        for config in linear.BACKWARD_CONFIGS:
             yield (f"linear_logprobs backward {name} {config.kwargs}", linear._linear_logprobs_backward_kernel,
                    backward, {"HAS_BIAS": True, "HAS_SOFTCAP": True, "EVEN_D": True, **flags,
                               "HAS_D_ROWS": True, "HAS_D_WEIGHT": True, "HAS_D_BIAS": True, **config.kwargs},

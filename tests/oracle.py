@@ -65,7 +65,8 @@ def oracle_excess(ours, plain, truth, *, k: float = K_DEFAULT, tiny: float | Non
     per-entry sizes; errors and ``tiny`` are then in units of it.
     """
     if ours.shape != truth.shape or plain.shape != truth.shape:
-        raise ValueError(f"shapes differ: ours {tuple(ours.shape)}, plain {tuple(plain.shape)}, truth {tuple(truth.shape)}")
+        raise ValueError(
+            f"shapes differ: ours {tuple(ours.shape)}, plain {tuple(plain.shape)}, truth {tuple(truth.shape)}")
     dtype = dtype or ours.dtype
     ours, plain, truth = (t.detach().double() for t in (ours, plain, truth))
     if scale is not None:
@@ -140,9 +141,17 @@ def assert_no_worse_per_entry(ours, plain, truth, *, slack, what: str = "result"
     """
     if not torch.isfinite(ours.detach()).all():
         raise AssertionError(f"{what}: not finite")
-    ours, plain, truth = (t.detach().double() for t in (ours, plain, truth))
-    excess = float(((ours - truth).abs() - (plain - truth).abs() - slack).max())
+    excess = per_entry_excess(ours, plain, truth, slack=slack)
     assert excess <= 0, f"{what}: worse than the plain computation in the same dtype by {excess:.3g} beyond the slack"
+
+
+def per_entry_excess(ours, plain, truth, *, slack) -> float:
+    """``max(|ours - truth| - |plain - truth| - slack)`` over the entries: at most 0 when ours is
+    nowhere worse than plain by more than ``slack`` (the rule of ``assert_no_worse_per_entry``,
+    also reported by ``benchmarks/gpu_check.py``)."""
+    ours, plain, truth = (t.detach().double() for t in (ours, plain, truth))
+    slack = slack.detach().double() if isinstance(slack, torch.Tensor) else slack
+    return float(((ours - truth).abs() - (plain - truth).abs() - slack).max())
 
 
 # ---------------------------------------------------------------- model level

@@ -194,7 +194,8 @@ def test_gpu_check_imports_and_its_cpu_parts_run(capsys, monkeypatch):
     if not torch.cuda.is_available():
         assert gpu_check.main(["--skip-checks"]) == 2
     row = dict(status="ok", kernel="lm_head", case="rows=8", time_min=1.0, time_max=1.0)
-    gpu_check.print_bars([{**row, "candidate": "sami_fast[triton]", "role": "sami_fast", "time_ms": 1.0, "peak_mb": 5.0},
+    ours = {**row, "candidate": "sami_fast[triton]", "role": "sami_fast", "time_ms": 1.0, "peak_mb": 5.0}
+    gpu_check.print_bars([ours,
                           {**row, "candidate": "liger", "role": "peer", "time_ms": 2.0, "peak_mb": 4.0},
                           {"status": "n/a", "kernel": "lm_head", "case": "rows=8", "candidate": "cce", "role": "peer"}])
     bars = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The memory-lean torch path ``chunked_token_logprobs`` against the float64 reference."""
+"""The memory-lean torch path of ``sequence_logprobs`` (``sami_fast.chunked``) against the float64 reference."""
 
 from unittest import mock
 
@@ -7,11 +7,20 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from oracle import assert_no_worse_per_entry, assert_oracle_close, linear_head_floors
-from sami_fast import chunked
-from sami_fast.chunked import chunked_token_logprobs
+from sami_fast import chunked, sequence_logprobs
 from sami_fast.reference import token_logprobs
+from sami_fast.sequence_logprobs import _TorchLinearLogprobs
 
 IGNORE = -100
+
+
+def chunked_token_logprobs(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
+    """Per-row log p(target) (N,) of aligned ``rows`` (N, D) through the torch path's Function,
+    ``chunk_rows`` rows of logits per chunk; 0 where ``targets`` is IGNORE."""
+    scored = (targets != IGNORE).nonzero().squeeze(1)
+    per_row = _TorchLinearLogprobs.apply(rows, weight, bias, scored, targets.index_select(0, scored), softcap,
+                                         float(temperature), {"chunk_rows": chunk_rows})
+    return per_row.new_zeros(targets.shape[0]).index_copy(0, scored, per_row)
 
 
 def make_case(N, D, V, dtype=torch.float32, *, bias=True, ignored=0.3, scale=1.0, seed=0):
@@ -190,25 +199,31 @@ def test_forward_keeps_no_logits():
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(targets=torch.tensor([0, 3, 9])), ValueError, "targets"),
-        (dict(targets=torch.tensor([0, -1, 2])), ValueError, "targets"),
-        (dict(targets=torch.tensor([0, 1])), ValueError, "targets"),
-        (dict(targets=torch.tensor([0, 1, 2], dtype=torch.int32)), TypeError, "targets"),
+        (dict(labels=torch.tensor([0, 3, 9])), ValueError, "labels"),
+        (dict(labels=torch.tensor([0, -1, 2])), ValueError, "labels"),
+        (dict(labels=torch.tensor([0, 1])), ValueError, "labels"),
+        (dict(labels=torch.tensor([0.0, 1.0, 2.0])), TypeError, "labels"),
         (dict(weight=torch.randn(9, 5, dtype=torch.float64)), TypeError, "weight"),
         (dict(weight=torch.randn(9, 4)), ValueError, "weight"),
-        (dict(rows=torch.randn(3, 5).to(torch.int64)), TypeError, "rows"),
+        (dict(hidden=torch.randn(3, 5).to(torch.int64)), TypeError, "hidden"),
         (dict(bias=torch.randn(8)), ValueError, "bias"),
         (dict(softcap=0.0), ValueError, "softcap"),
         (dict(temperature=-1.0), ValueError, "temperature"),
-        (dict(chunk_rows=0), ValueError, "chunk_rows"),
     ],
 )
 def test_bad_input_raises(change, error, match):
-    args = dict(rows=torch.randn(3, 5), weight=torch.randn(9, 5), targets=torch.tensor([0, IGNORE, 8]),
-                bias=None, softcap=None, temperature=1.0, chunk_rows=None)
+    """Packed rows scored where aligned (``shift=False``), as the torch path gets them."""
+    args = dict(hidden=torch.randn(3, 5), weight=torch.randn(9, 5), labels=torch.tensor([0, IGNORE, 8]),
+                bias=None, softcap=None, temperature=1.0)
     args.update(change)
     with pytest.raises(error, match=match):
-        chunked_token_logprobs(args.pop("rows"), args.pop("weight"), args.pop("targets"), **args)
+        sequence_logprobs(args.pop("hidden"), args.pop("weight"), args.pop("labels"), shift=False, reduction="none",
+                          cu_seqlens=torch.tensor([0, 3]), backend="torch", **args)
+
+
+def test_bad_chunk_rows_raises():
+    with pytest.raises(ValueError, match="chunk_rows"):
+        chunked_token_logprobs(torch.randn(3, 5), torch.randn(9, 5), torch.tensor([0, IGNORE, 8]), chunk_rows=0)
 
 
 def test_low_precision_head_gets_no_fp32_copy_of_its_gradient(monkeypatch, allocations):

@@ -27,7 +27,8 @@ def principle_file(tmp_path, principles, name="principles.json"):
 
 @contextlib.contextmanager
 def raises_at(path, line, fragment):
-    """Expect a DataError whose message starts with "<path>:<line>: " ("<path>: " for line None) and has ``fragment``."""
+    """Expect a DataError whose message starts with "<path>:<line>: " ("<path>: " for line None)
+    and has ``fragment``."""
     with pytest.raises(DataError) as info:
         yield
     message = str(info.value)
@@ -42,7 +43,8 @@ def lines_of(constitution: str) -> list[str]:
 
 def flips(constitution: str) -> tuple[tuple[int, ...], frozenset[int]]:
     """(pool indices in the order written, indices written as their antithesis)."""
-    by_text = {p.principle: (i, False) for i, p in enumerate(POOL)} | {p.antithesis: (i, True) for i, p in enumerate(POOL)}
+    by_text = ({p.principle: (i, False) for i, p in enumerate(POOL)}
+               | {p.antithesis: (i, True) for i, p in enumerate(POOL)})
     located = [by_text[line] for line in lines_of(constitution)]
     return tuple(i for i, _ in located), frozenset(i for i, flipped in located if flipped)
 

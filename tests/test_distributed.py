@@ -75,7 +75,8 @@ def _free_torchrun(script: Path, spec: Path) -> subprocess.CompletedProcess:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     outs = {name: root / name for name in ("batched", "accumulated", "ddp", "fsdp", "fsdp_resumed")}
-    weights = {"batched": _single(outs["batched"], **BATCHED), "accumulated": _single(outs["accumulated"], **ACCUMULATED)}
+    weights = {"batched": _single(outs["batched"], **BATCHED),
+               "accumulated": _single(outs["accumulated"], **ACCUMULATED)}
     _resumable_copy(outs["batched"], outs["fsdp_resumed"])
     spec = {
         "gradients": {mode: str(root / f"grads-{mode}.pt") for mode in ("ddp", "fsdp")},

@@ -7,7 +7,6 @@ the output of a tiny `sami-fast train` run, and bad input.
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,7 +203,8 @@ def test_cli_evaluates_every_iteration_of_a_training_run(tmp_path, tokenizer, ca
                      "--max-new-tokens", "4", "--lr", "0.01", "--quiet"]) == 0
     one_iteration = train_out / "iteration-2" / "policy"
     assert policy_models(str(one_iteration)) == [("iteration-2", 2, str(one_iteration))]
-    trained = {json.loads(line)["query"] for line in (train_out / "iteration-1" / "data.jsonl").read_text().splitlines()}
+    lines = (train_out / "iteration-1" / "data.jsonl").read_text().splitlines()
+    trained = {json.loads(line)["query"] for line in lines}
     assert training_queries(str(one_iteration)) == training_queries(str(train_out)) == trained and len(trained) == 2
     config = tmp_path / "eval.yaml"
     config.write_text("num_constitutions: 2\nprinciples_per_constitution: 1\nmax_new_tokens: 4\n"

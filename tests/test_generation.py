@@ -1,4 +1,5 @@
-"""sami_fast.generation on tiny random causal LMs: batched generation vs one prompt at a time, sampling, stops, errors."""
+"""sami_fast.generation on tiny random causal LMs: batched generation vs one prompt at a time,
+sampling, stops, errors."""
 
 import copy
 
@@ -89,7 +90,8 @@ def test_batched_greedy_equals_one_prompt_at_a_time(make_model, monkeypatch):
     generator = HFGenerator(model, TOKENIZER, GenerationConfig(max_new_tokens=12))
     calls = []
     generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda **kwargs: (calls.append(kwargs["input_ids"].shape), generate(**kwargs))[1])
+    monkeypatch.setattr(model, "generate",
+                        lambda **kwargs: (calls.append(kwargs["input_ids"].shape), generate(**kwargs))[1])
 
     batched, rows = generate_with_tokens(generator, prompts)
     assert calls == [(len(prompts), max(len(prompt.ids) for prompt in prompts))]  # one left-padded call for all
@@ -107,7 +109,8 @@ def test_batch_size_splits_the_calls_with_the_same_responses(monkeypatch):
     whole, whole_rows = generate_with_tokens(HFGenerator(LLAMA, TOKENIZER, GenerationConfig(max_new_tokens=8)), prompts)
     calls = []
     generate = LLAMA.generate
-    monkeypatch.setattr(LLAMA, "generate", lambda **kwargs: (calls.append(len(kwargs["input_ids"])), generate(**kwargs))[1])
+    monkeypatch.setattr(LLAMA, "generate",
+                        lambda **kwargs: (calls.append(len(kwargs["input_ids"])), generate(**kwargs))[1])
     split = HFGenerator(LLAMA, TOKENIZER, GenerationConfig(max_new_tokens=8, batch_size=3))
     parts, part_rows = generate_with_tokens(split, prompts)
     assert calls == [3, 3, 1]

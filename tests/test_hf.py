@@ -5,7 +5,9 @@ import torch
 import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig, LlamaModel
+from transformers import (
+    AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, GraniteConfig, LlamaConfig, LlamaModel,
+)
 
 import sami_fast.hf
 import sami_fast.prefix
@@ -319,18 +321,23 @@ def _set(groups, b, i, value):
 
 
 BAD_INPUTS = {
-    "empty prompt": (lambda p, r: (_set(p, 1, 0, torch.tensor([], dtype=torch.long)), r), r"prompts\[1\]\[0\] is empty"),
-    "empty response": (lambda p, r: (p, _set(r, 0, 1, torch.tensor([], dtype=torch.long))), r"responses\[0\]\[1\] is empty"),
+    "empty prompt": (lambda p, r: (_set(p, 1, 0, torch.tensor([], dtype=torch.long)), r),
+                     r"prompts\[1\]\[0\] is empty"),
+    "empty response": (lambda p, r: (p, _set(r, 0, 1, torch.tensor([], dtype=torch.long))),
+                       r"responses\[0\]\[1\] is empty"),
     "C = 0": (lambda p, r: ([[], []], r), r"prompts\[0\] must be a non-empty list"),
     "R = 0": (lambda p, r: (p, [[], []]), r"responses\[0\] must be a non-empty list"),
     "B = 0": (lambda p, r: ([], []), r"prompts must be a non-empty list"),
-    "id >= vocab": (lambda p, r: (p, _set(r, 1, 1, torch.tensor([3, VOCAB]))), rf"responses\[1\]\[1\] holds token id {VOCAB}"),
+    "id >= vocab": (lambda p, r: (p, _set(r, 1, 1, torch.tensor([3, VOCAB]))),
+                    rf"responses\[1\]\[1\] holds token id {VOCAB}"),
     "negative id": (lambda p, r: (_set(p, 0, 1, torch.tensor([1, -2])), r), r"prompts\[0\]\[1\] holds token id -2"),
-    "too long": (lambda p, r: (_set(p, 0, 0, torch.zeros(64, dtype=torch.long)), r), r"prompts\[0\] \+ responses\[0\].*max positions 64"),
+    "too long": (lambda p, r: (_set(p, 0, 0, torch.zeros(64, dtype=torch.long)), r),
+                 r"prompts\[0\] \+ responses\[0\].*max positions 64"),
     "B mismatch": (lambda p, r: (p, r[:1]), r"responses has 1 queries but prompts has 2"),
     "C mismatch": (lambda p, r: ([p[0], p[1][:1]], r), r"prompts\[1\] has 1 entries but prompts\[0\] has 2"),
     "R mismatch": (lambda p, r: (p, [r[0] + r[0], r[1]]), r"responses\[1\] has 2 entries but responses\[0\] has 4"),
-    "2-D ids": (lambda p, r: (_set(p, 0, 0, torch.zeros(1, 3, dtype=torch.long)), r), r"prompts\[0\]\[0\] must have 1 dimensions"),
+    "2-D ids": (lambda p, r: (_set(p, 0, 0, torch.zeros(1, 3, dtype=torch.long)), r),
+                r"prompts\[0\]\[0\] must have 1 dimensions"),
 }
 
 

@@ -53,7 +53,8 @@ def test_a_hub_name_loads_from_the_local_cache_only(saved_model, tmp_path):
     total = next(line for line in lines if line.startswith("total ")).split()[1]
     missing = next(line for line in lines if line.startswith("missing: "))
     assert float(total) == sum(float(p.double().sum()) for p in model.parameters())
-    assert "'someone/not-cached' is neither a model directory, a .gguf file nor a hub name in the local cache" in missing
+    expected = "'someone/not-cached' is neither a model directory, a .gguf file nor a hub name in the local cache"
+    assert expected in missing
 
 
 def test_missing_paths_are_named(tmp_path):

@@ -240,7 +240,7 @@ def test_argmax_ties_go_to_the_first_index_across_tiles(block):
 def test_kernel_at_c4096():
     C = 4096
     x = torch.randn(1, C, C)
-    out, grad = mi_loss_kernel(x, None, block_size=1024)
+    out, grad = mi_loss_kernel(x, None, block_size=1024, max_block=1024)
     truth, plain = reference.stats(x.double()), reference.stats(x)
     assert_oracle_close(out[0, LOSS], plain["loss"], truth["loss"], tiny=fp32_floor(x),
                         what="loss")
@@ -307,13 +307,14 @@ def test_fully_masked_batch_raises_with_the_finite_check_only(backend):
 def test_second_derivative_is_right_or_absent(backend, shape, mask):
     # The Functions are once-differentiable (their result carries no graph); the small
     # unmasked PyTorch composition is plain autograd, so its second derivative must be right.
+    # float64 takes the PyTorch path on every backend.
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     m = torch.rand(*shape) > 0.2 if mask else None
     if m is not None:
         m.diagonal(dim1=1, dim2=2).fill_(True)
     (grad,) = torch.autograd.grad(sami_loss(x, m), x, create_graph=True)
     if grad.requires_grad:
-        assert backend == "torch" and m is None and x.numel() <= 2**14
+        assert m is None and x.numel() <= 2**14
         (second,) = torch.autograd.grad((grad * grad).sum(), x)
         (grad_ref,) = torch.autograd.grad(reference.sami_loss(x, m), x, create_graph=True)
         (second_ref,) = torch.autograd.grad((grad_ref * grad_ref).sum(), x)

@@ -4,6 +4,7 @@ Shapes are small (the Triton backend runs in the interpreter) but odd: D is not 
 power of two and V is not a multiple of the kernel's vocabulary block.
 """
 
+import importlib
 import math
 import os
 import subprocess
@@ -17,13 +18,26 @@ from hypothesis import strategies as st
 
 from oracle import assert_no_worse_per_entry, assert_oracle_close, linear_head_floors
 from sami_fast import reference, sequence_logprobs
-from sami_fast.chunked import _ChunkedTokenLogprobs
 from sami_fast.kernels import linear_logprobs
-from sami_fast.kernels.linear_logprobs import _linear_logprobs_kernel, _vocab_splits
-from sami_fast.sequence_logprobs import _LinearLogprobs
+from sami_fast.sequence_logprobs import (
+    INTERPRETER_BACKWARD, INTERPRETER_FORWARD, _TorchLinearLogprobs, _TritonLinearLogprobs,
+)
+
+# The module (the package exports the function under the same name).
+dispatch = importlib.import_module("sami_fast.sequence_logprobs")
 
 IGNORE = -100
 NAMES = ("value", "d_hidden", "d_weight", "d_bias")
+
+
+def forward_launch(*args, **kwargs):
+    """The forward launcher with the options sami_fast gives it under the interpreter."""
+    return linear_logprobs.linear_logprobs_kernel(*args, **{**INTERPRETER_FORWARD, **kwargs})
+
+
+def backward_launch(*args, **kwargs):
+    """The backward launcher with the options sami_fast gives it under the interpreter."""
+    return linear_logprobs.linear_logprobs_backward_kernel(*args, **{**INTERPRETER_BACKWARD, **kwargs})
 
 
 def make_inputs(B, T, D, V, *, ignored=0.2, dtype=torch.float64, scale=0.3, seed=0):
@@ -83,11 +97,11 @@ def test_all_features_at_odd_sizes(backend):
     vocabulary of several blocks in each of several splits, values and gradients.
     """
     inputs = make_inputs(3, 47, 123, 1001)
-    interpreted = _linear_logprobs_kernel.configs[0].kwargs  # the one tile config under TRITON_INTERPRET
+    interpreted = INTERPRETER_FORWARD["config"].kwargs  # the one tile config under TRITON_INTERPRET
     scored_rows = (inputs[3][:, 1:] != IGNORE).sum().item()
     assert scored_rows > interpreted["BLOCK_M"] and scored_rows % interpreted["BLOCK_M"], "setup: ragged row blocks"
     vocab_blocks = math.ceil(1001 / interpreted["BLOCK_N"])
-    assert vocab_blocks >= 2 * _vocab_splits(1, 1001, "cpu") >= 4, "setup: several vocabulary blocks per split"
+    assert vocab_blocks >= 2 * INTERPRETER_FORWARD["n_splits"] >= 4, "setup: several vocabulary blocks per split"
     check_fp32(inputs, softcap=4.0, temperature=0.7)
 
 
@@ -171,8 +185,8 @@ def test_frozen_inputs_get_no_gradient_and_no_work(backend, monkeypatch, trainab
     h = hidden.float().requires_grad_(trainable == "hidden")
     w = weight.float().requires_grad_(trainable == "weight")
     b = bias.float()  # frozen in both cases
-    function = _LinearLogprobs if backend == "triton" else _ChunkedTokenLogprobs
-    backward, launcher = function.backward, linear_logprobs.linear_logprobs_backward_kernel
+    function = _TritonLinearLogprobs if backend == "triton" else _TorchLinearLogprobs
+    backward, launcher = function.backward, dispatch.linear_logprobs_backward_kernel
     returned, requested = [], []
 
     def spy_backward(ctx, *grads):
@@ -184,11 +198,10 @@ def test_frozen_inputs_get_no_gradient_and_no_work(backend, monkeypatch, trainab
         return launcher(*args, **kwargs)
 
     monkeypatch.setattr(function, "backward", staticmethod(spy_backward))
-    monkeypatch.setattr(linear_logprobs, "linear_logprobs_backward_kernel", spy_launcher)
+    monkeypatch.setattr(dispatch, "linear_logprobs_backward_kernel", spy_launcher)
     sequence_logprobs(h, w, labels, bias=b).sum().backward()
 
-    rows_grad, weight_grad = returned[0][:2]
-    bias_grad = returned[0][2 if backend == "triton" else 3]
+    rows_grad, weight_grad, bias_grad = returned[0][:3]
     assert bias_grad is None and b.grad is None
     if backend == "triton":
         assert requested == [(trainable == "hidden", trainable == "weight", False)]
@@ -286,7 +299,8 @@ def test_bad_input_raises(backend, case):
 
 
 def test_gpu_check_script_dry_run(backend):
-    """benchmarks/gpu_check.py: its checks run end to end at tiny shapes on the CPU (the GPU run itself is not testable here)."""
+    """benchmarks/gpu_check.py: its checks run end to end at tiny shapes on the CPU (the GPU run
+    itself is not testable here)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     done = subprocess.run([sys.executable, str(script), "--cpu-dry-run"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -339,7 +353,7 @@ def test_fp64_input_is_computed_in_fp64(backend):
     ours = evaluate(sequence_logprobs, hidden, weight, bias, labels, upstream, torch.float64, **kw)
     assert sequence_logprobs(hidden, weight, labels).dtype == torch.float64
     for name, a, r in zip(("value", "d_hidden", "d_weight", "d_bias"), ours, ref):
-        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * r.abs().max().item(), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12 * r.abs().max().item(), msg=lambda m: f"{name}: {m}")  # noqa: B023
 
 
 def fp16_ulp(x):
@@ -373,7 +387,7 @@ def test_backward_autotune_hooks_restore_the_accumulated_gradients():
     """Autotuning reruns the accumulating backward kernel on the live buffers, where d_rows
     already holds earlier vocabulary chunks: every trial run is undone (gradients that are not
     computed, None, are skipped), and the call before the final launch changes nothing."""
-    from sami_fast.kernels.linear_logprobs import _linear_logprobs_backward_kernel as kernel
+    from sami_fast.kernels.linear_logprobs import _linear_logprobs_backward_kernel_tuned as kernel
 
     accumulated = dict(d_rows_ptr=torch.randn(3, 2), d_weight_ptr=torch.randn(5, 2), d_bias_ptr=None)
     buffers = {name: None if t is None else t.clone() for name, t in accumulated.items()}
@@ -428,10 +442,10 @@ def test_backward_launcher_gives_the_same_gradients_for_any_vocabulary_chunking(
     row_index = torch.randperm(150, generator=torch.Generator().manual_seed(2))[:130]
     targets = labels[0].long()[:130]
     grad = upstream_for(130, seed=4).float()
-    _, lse = linear_logprobs.linear_logprobs_kernel(hidden, weight, row_index, targets, bias, 3.0, 0.8)
+    _, lse = forward_launch(hidden, weight, row_index, targets, bias, 3.0, 0.8)
     results = {
-        chunk: linear_logprobs.linear_logprobs_backward_kernel(
-            hidden, weight, row_index, targets, lse, grad, bias, 3.0, 0.8, need_bias=True, vocab_chunk=chunk)
+        chunk: backward_launch(hidden, weight, row_index, targets, lse, grad, bias, 3.0, 0.8, need_bias=True,
+                               vocab_chunk=chunk)
         for chunk in (128, 384, 1001)
     }
     whole = results[1001]
@@ -454,6 +468,7 @@ def kernel_backward_truth(hidden, weight, row_index, targets, grad, bias, softca
 _FAR_APART_ROWS = """
 import torch
 from sami_fast.kernels import linear_logprobs as ll
+from sami_fast.sequence_logprobs import INTERPRETER_BACKWARD, INTERPRETER_FORWARD
 
 gen = torch.Generator().manual_seed(5)
 rows = torch.randn(3, 24, generator=gen).bfloat16()
@@ -464,10 +479,12 @@ targets, grad, index = torch.tensor([2, 0, 1]), torch.randn(3, generator=gen), t
 stride = 2**30 + 64
 far_weight = torch.empty(2 * stride + 24, dtype=torch.bfloat16).as_strided((3, 24), (stride, 1))
 far_weight.copy_(weight)
-expected = ll.linear_logprobs_kernel(rows, weight, index, targets)
-got = ll.linear_logprobs_kernel(rows, far_weight, index, targets)
-expected_grads = ll.linear_logprobs_backward_kernel(rows, weight, index, targets, expected[1], grad)
-got_grads = ll.linear_logprobs_backward_kernel(rows, far_weight, index, targets, got[1], grad)
+expected = ll.linear_logprobs_kernel(rows, weight, index, targets, **INTERPRETER_FORWARD)
+got = ll.linear_logprobs_kernel(rows, far_weight, index, targets, **INTERPRETER_FORWARD)
+expected_grads = ll.linear_logprobs_backward_kernel(rows, weight, index, targets, expected[1], grad,
+                                                    **INTERPRETER_BACKWARD)
+got_grads = ll.linear_logprobs_backward_kernel(rows, far_weight, index, targets, got[1], grad,
+                                               **INTERPRETER_BACKWARD)
 for a, b in zip((*got, *got_grads[:2]), (*expected, *expected_grads[:2])):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 print("ok")
@@ -488,9 +505,7 @@ def test_weight_offsets_past_2_to_the_31_elements_use_64_bit_arithmetic():
 def test_scatter_rows_writes_every_gathered_row_in_steps(monkeypatch):
     """The Triton backward's fp32 row gradients go into hidden's shape a few rows at a time
     (no full low-precision copy); unscored rows stay zero."""
-    import importlib
-
-    module = importlib.import_module("sami_fast.sequence_logprobs")  # the package exports the function by this name
+    module = dispatch
     monkeypatch.setattr(module, "_SCATTER_ELEMENTS", 3 * 7)  # 3 rows per step, the last step ragged
     gen = torch.Generator().manual_seed(9)
     rows = torch.randn(10, 7, generator=gen)
@@ -530,7 +545,7 @@ def test_autotuning_every_chunk_keeps_the_accumulated_gradients(monkeypatch):
         trials.append(len(trials))
         return [float(len(trials) % 2)] * 3
 
-    kernel = linear_logprobs._linear_logprobs_backward_kernel
+    kernel = linear_logprobs._linear_logprobs_backward_kernel_tuned
     configs = [triton_config(64, 128, 64, 8), triton_config(32, 64, 32, 2)]
     tuned = Autotuner(kernel.fn, kernel.arg_names, configs, ["D", "DOT_FP32", "vocab_start"], None, None,
                       pre_hook=kernel.pre_hook, post_hook=kernel.post_hook, do_bench=bench)
@@ -539,11 +554,11 @@ def test_autotuning_every_chunk_keeps_the_accumulated_gradients(monkeypatch):
     hidden, weight, bias = hidden.bfloat16(), weight.bfloat16(), bias.bfloat16()
     row_index, targets = torch.randperm(90, generator=gen)[:70], torch.randint(0, 700, (70,), generator=gen)
     grad = torch.randn(70, generator=gen)
-    _, lse = linear_logprobs.linear_logprobs_kernel(hidden, weight, row_index, targets, bias, 3.0, 0.8)
+    _, lse = forward_launch(hidden, weight, row_index, targets, bias, 3.0, 0.8)
     args = (hidden, weight, row_index, targets, lse, grad, bias, 3.0, 0.8)
-    untuned = linear_logprobs.linear_logprobs_backward_kernel(*args, need_bias=True, vocab_chunk=256)
-    monkeypatch.setattr(linear_logprobs, "_linear_logprobs_backward_kernel", tuned)
-    got = linear_logprobs.linear_logprobs_backward_kernel(*args, need_bias=True, vocab_chunk=256)
+    untuned = backward_launch(*args, need_bias=True, vocab_chunk=256)
+    monkeypatch.setattr(linear_logprobs, "_linear_logprobs_backward_kernel_tuned", tuned)
+    got = backward_launch(*args, need_bias=True, vocab_chunk=256, config=None)  # autotuned
     assert len(trials) == 2 * 3  # two configurations at each of the three chunks
     # Another tile shape adds in another order: as close to fp64 as the untuned launches.
     # A trial left in the buffers would double a chunk's contribution.
@@ -593,11 +608,10 @@ def test_launchers_reject_strided_row_vectors_and_bad_chunks():
     hidden, weight = torch.randn(6, 8), torch.randn(30, 8)
     row_index, targets = torch.arange(6), torch.randint(0, 30, (6,))
     with pytest.raises(ValueError, match="contiguous"):
-        linear_logprobs.linear_logprobs_kernel(hidden, weight, torch.arange(12)[::2], targets)
-    _, lse = linear_logprobs.linear_logprobs_kernel(hidden, weight, row_index, targets)
+        forward_launch(hidden, weight, torch.arange(12)[::2], targets)
+    _, lse = forward_launch(hidden, weight, row_index, targets)
     with pytest.raises(ValueError, match="vocab_chunk"):
-        linear_logprobs.linear_logprobs_backward_kernel(hidden, weight, row_index, targets, lse, torch.ones(6),
-                                                        vocab_chunk=0)
+        backward_launch(hidden, weight, row_index, targets, lse, torch.ones(6), vocab_chunk=0)
 
 
 def test_fp32_dots_follow_torchs_tf32_setting(monkeypatch):
@@ -658,8 +672,8 @@ def test_backward_uses_the_forwards_tf32_choice(monkeypatch):
     monkeypatch.setenv("SAMI_FAST_BACKEND", "triton")
     hidden, weight, bias, labels = make_inputs(2, 9, 20, 300, seed=39)
     requested = []
-    launcher = linear_logprobs.linear_logprobs_backward_kernel
-    monkeypatch.setattr(linear_logprobs, "linear_logprobs_backward_kernel",
+    launcher = dispatch.linear_logprobs_backward_kernel
+    monkeypatch.setattr(dispatch, "linear_logprobs_backward_kernel",
                         lambda *args, **kwargs: requested.append(kwargs["tf32"]) or launcher(*args, **kwargs))
     previous = torch.get_float32_matmul_precision()
     try:

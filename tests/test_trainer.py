@@ -1,4 +1,5 @@
-"""SAMITrainer steps vs the manual loss.backward() + optimizer.step(); encode_sami_batch on real and tiny tokenizers; the demo."""
+"""SAMITrainer steps vs the manual loss.backward() + optimizer.step(); encode_sami_batch on real
+and tiny tokenizers; the demo."""
 
 import copy
 import importlib.util

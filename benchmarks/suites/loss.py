@@ -13,35 +13,13 @@ sizes: quick B in {1, 64} x C = 8 and B = 64, C = 64; full B in {1, 64} x C in {
 """
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.runner import Candidate, Case, sami_fast_backends, with_backend
 from sami_fast import reference
 from sami_fast.loss import sami_loss
+from sami_fast.reference import original_batched_sami_loss, original_sami_loss
 
 SHAPES = {"quick": [(1, 8), (64, 8), (64, 64)], "full": [(B, C) for B in (1, 64) for C in (2, 8, 64)]}
-
-
-def original_sami_loss(logprobs):
-    """The original trainer's loss of one (C, C) matrix (janphilippfranken/sami)."""
-    logsumexp_row = torch.logsumexp(logprobs, dim=1, keepdim=True)
-    logsumexp_col = torch.logsumexp(logprobs, dim=0, keepdim=True)
-    labels = torch.arange(logprobs.shape[0], dtype=torch.long, device=logprobs.device)
-    loss_row = F.cross_entropy(logprobs - logsumexp_row, labels, reduction="mean")
-    loss_col = F.cross_entropy((logprobs - logsumexp_col).t(), labels, reduction="mean")
-    return (loss_col + loss_row) / 2
-
-
-def original_batched_sami_loss(logprobs):
-    """The original composition over (B, C, C) at once: the mean of the per-query losses."""
-    B, C, _ = logprobs.shape
-    labels = torch.arange(C, device=logprobs.device).expand(B, C)
-    logits_row = logprobs - torch.logsumexp(logprobs, dim=2, keepdim=True)
-    logits_col = logprobs - torch.logsumexp(logprobs, dim=1, keepdim=True)
-    # cross_entropy takes classes on dim 1: rows score responses j, columns constitutions k.
-    loss_row = F.cross_entropy(logits_row.transpose(1, 2), labels)
-    loss_col = F.cross_entropy(logits_col, labels)
-    return (loss_col + loss_row) / 2
 
 
 def _per_query_loop(logprobs):

@@ -228,5 +228,6 @@ def cases(device: str, size: str) -> list[Case]:
                 candidates.append(_candidate(f"sami_backward[{backend}]", "sami_fast", _gradcache_step, size,
                                              device, C, backend, reason))
         out.append(Case("step", "sami_step", f"C=R={C} Lp={Lp} Lr={Lr} ideal x{ideal:.2f}", candidates,
-                        _reference(size, device, C), params={"C": C}, result_names=("loss", "grad (embedding)", "grad (middle)", "grad (last)")))
+                        _reference(size, device, C), params={"C": C},
+                        result_names=("loss", "grad (embedding)", "grad (middle)", "grad (last)")))
     return out
