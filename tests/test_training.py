@@ -321,6 +321,8 @@ KILLED_RUN = textwrap.dedent("""
     import sami_fast.training as training
     from tiny_lm import bpe_tokenizer, tiny_causal_lm
 
+    torch.set_num_threads({threads})  # the test's own count: the resumed run must be bit-identical to it
+
     saves = {{"n": 0}}
     real_save = torch.save
 
@@ -345,7 +347,8 @@ def test_a_kill_mid_save_leaves_only_loadable_checkpoints(tmp_path, tokenizer):
                      save_total_limit=5)
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
     script = tmp_path / "run.py"
-    script.write_text(KILLED_RUN.format(tests=str(TESTS), config=str(tmp_path / "config.json")))
+    script.write_text(KILLED_RUN.format(tests=str(TESTS), config=str(tmp_path / "config.json"),
+                                         threads=torch.get_num_threads()))
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline().strip() == "MID-SAVE"
