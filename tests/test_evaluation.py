@@ -18,7 +18,7 @@ from oracle import (
     K_MATRIX, assert_matrix_oracle_close, assert_oracle_close, assert_stats_oracle_close, fp64_twin,
     full_sequence_matrix, ulp_floor,
 )
-from sami_fast import load_smollm2, reference
+from sami_fast import reference
 from sami_fast.cli import main as cli_main
 from sami_fast.data import DataError
 from sami_fast import evaluation
@@ -26,6 +26,7 @@ from sami_fast.evaluation import (
     EvalConfig, Evaluator, Judge, bootstrap_interval, held_out_queries, length_controlled_win_rate, policy_models,
     training_base, training_queries,
 )
+from sami_fast.hf import load_smollm2
 from sami_fast.models import load_causal_lm
 from sami_fast.trainer import _check_template
 from sami_fast.training import EMBEDDED_TRAINING_QUERIES, build_prompt
