@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sami_fast import data as sami_data
-from sami_fast.generation import GenerationConfig, HFGenerator, run_generator
+from sami_fast.generation import GenerationConfig, HFGenerator, generate_in_batches
 from sami_fast.loss import sami_loss
 from sami_fast.models import DTYPES, load_causal_lm
 from sami_fast.prefix import SCORE_REDUCTIONS, logprob_matrix
@@ -476,15 +476,8 @@ class Evaluator:
             top_p=config.top_p, stop_strings=tuple(config.stop_strings)))
         # Distinct per model: two copies of one model sample different responses.
         torch.manual_seed(config.seed * 1_000_003 + iteration)
-        size = config.generation_batch_size or len(flat)
         bar = self._bar(total=len(flat), unit="prompt", desc=f"generate {name}")
-        generations = []
-        for start in range(0, len(flat), size):
-            generations += run_generator(generator, flat[start : start + size])
-            if bar is not None:
-                bar.update(len(flat[start : start + size]))
-        if bar is not None:
-            bar.close()
+        generations = generate_in_batches(generator, flat, config.generation_batch_size, bar)
         C = config.num_constitutions
         texts = [[g.text for g in generations[b * C : (b + 1) * C]] for b in range(len(prompts))]
         response_ids = [[torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)

@@ -287,6 +287,25 @@ def run_generator(generator: ResponseGenerator, prompts: list[Prompt]) -> list[G
     return [as_generation(response, f"response {i} of the generator") for i, response in enumerate(responses)]
 
 
+def generate_in_batches(generator: ResponseGenerator, prompts: list[Prompt], batch_size: int | None = None,
+                        bar=None) -> list[Generation]:
+    """``run_generator`` on ``batch_size`` prompts per call (None: all in one call), advancing the
+    tqdm ``bar`` (closed at the end) when one is given.
+
+    Returns:
+        one ``Generation`` per prompt, in order.
+    """
+    size = batch_size or len(prompts)
+    generations = []
+    for start in range(0, len(prompts), size):
+        generations += run_generator(generator, prompts[start : start + size])
+        if bar is not None:
+            bar.update(len(prompts[start : start + size]))
+    if bar is not None:
+        bar.close()
+    return generations
+
+
 def drop_reason(responses: list[str]) -> str | None:
     """Why one query's responses cannot train, or None when they can.
 

@@ -35,7 +35,7 @@ import torch
 from sami_fast import data as sami_data
 from sami_fast.distributed import MODES as DISTRIBUTED_MODES
 from sami_fast.distributed import Parallel, resolve_mode
-from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason, run_generator
+from sami_fast.generation import GenerationConfig, HFGenerator, Prompt, drop_reason, generate_in_batches
 from sami_fast.models import DTYPES, load_causal_lm
 from sami_fast.trainer import MasterWeights, SAMITrainer, _check_template, _prompt_text
 from sami_fast.validation import check_positive_int
@@ -415,16 +415,8 @@ class Trainer:
 
     def _generate_in_batches(self, generator, prompts: list, iteration: int) -> list:
         """``generation_batch_size`` prompts per generator call, with a progress bar."""
-        size = self.config.generation_batch_size or len(prompts)
         bar = self._bar(total=len(prompts), unit="prompt", desc=f"generate {iteration}/{self.config.iterations}")
-        generations = []
-        for start in range(0, len(prompts), size):
-            generations += run_generator(generator, prompts[start : start + size])
-            if bar is not None:
-                bar.update(len(prompts[start : start + size]))
-        if bar is not None:
-            bar.close()
-        return generations
+        return generate_in_batches(generator, prompts, self.config.generation_batch_size, bar)
 
     def _raw_prompt(self, text: str) -> Prompt:
         """A prompt already rendered (the reference code's training data): tokenized with the tokenizer's own BOS."""
