@@ -21,6 +21,7 @@ Run from the repository root: ``python -m benchmarks.prefix_bound`` (``--help``)
 """
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -29,9 +30,9 @@ import time
 
 import torch
 
-from sami_fast import sami_backward, sami_loss
+from sami_fast import sami_loss
 from benchmarks.runner import CaseSkipped, _status_kib, peak_memory_mb
-from benchmarks.suites.step import _fast_step, _original_step
+from benchmarks.suites.step import _fast_step, _gradcache_step, _original_step
 from sami_fast.hf import load_smollm2
 from sami_fast.sequence_logprobs import sequence_logprobs
 
@@ -89,15 +90,8 @@ def _bound_step(model, prompts, responses):
     return run
 
 
-def _gradcache_step(model, prompts, responses):
-    def run():
-        model.zero_grad(set_to_none=True)
-        return sami_backward(model, prompts, responses, micro_batch_size=MICRO_BATCH_SIZE)[0]
-
-    return run
-
-
-STEPS = {"bound": _bound_step, "logprob_matrix": _fast_step, "sami_backward": _gradcache_step,
+STEPS = {"bound": _bound_step, "logprob_matrix": _fast_step,
+         "sami_backward": functools.partial(_gradcache_step, micro_batch_size=MICRO_BATCH_SIZE),
          "original": _original_step}
 
 

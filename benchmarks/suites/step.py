@@ -145,12 +145,12 @@ def _fast_step(model, prompts, responses):
     return run
 
 
-def _gradcache_step(model, prompts, responses):
-    """sami_fast's gradient cache: one prompt's R responses per chunk."""
+def _gradcache_step(model, prompts, responses, micro_batch_size=None):
+    """sami_fast's gradient cache: ``micro_batch_size`` pairs per chunk (None: one prompt's R responses)."""
 
     def run():
         model.zero_grad(set_to_none=True)
-        return sami_backward(model, prompts, responses, micro_batch_size=len(responses[0]))[0]
+        return sami_backward(model, prompts, responses, micro_batch_size=micro_batch_size or len(responses[0]))[0]
 
     return run
 
