@@ -19,8 +19,8 @@ from sami_fast.ops import autograd_inside_op
 from sami_fast.backend import Backend, interpreted, resolve
 from sami_fast.kernels.linear_logprobs import linear_logprobs_backward_kernel, linear_logprobs_kernel, tf32_dots
 from sami_fast.validation import (
-    LABEL_DTYPES, check_every_sequence_scored, check_finite_result, check_float, check_positive, check_tensor,
-    scored_targets_mask,
+    LABEL_DTYPES, check_every_sequence_scored, check_finite_result, check_float, check_positive, check_positive_int,
+    check_tensor, scored_targets_mask,
 )
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -83,13 +83,18 @@ class _TritonLinearLogprobs(torch.autograd.Function):
 class _TorchLinearLogprobs(torch.autograd.Function):
     """The chunked PyTorch path (``sami_fast.chunked``), with ``_TritonLinearLogprobs``'s
     signature and contract; only the scored rows are copied and kept for backward.
-    ``options``: {} or {"chunk_rows": rows of logits per chunk}."""
+    ``options``: {} or any of {"chunk_rows": rows of logits per chunk, "logits_budget":
+    bytes of logits the forward may keep for the backward, which then skips recomputing them}.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, scored, targets, softcap, temperature, options):
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
         ctx.chunk_rows = options.get("chunk_rows")
-        logp, lse = chunked.linear_logprobs_forward(rows, weight, targets, bias, softcap, temperature, ctx.chunk_rows)
+        # Used once: a second backward (retain_graph) recomputes.
+        ctx.held = chunked.held_logits(rows.shape[0], weight, options.get("logits_budget", 0))
+        logp, lse = chunked.linear_logprobs_forward(rows, weight, targets, bias, softcap, temperature, ctx.chunk_rows,
+                                                    ctx.held)
         ctx.save_for_backward(rows, weight, bias, scored, targets, lse)
         ctx.logit_transform = (softcap, temperature)
         ctx.hidden_shape = hidden.shape
@@ -102,9 +107,10 @@ class _TorchLinearLogprobs(torch.autograd.Function):
         rows, weight, bias, scored, targets, lse = ctx.saved_tensors
         softcap, temperature = ctx.logit_transform
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        held, ctx.held = ctx.held, None
         d_rows, d_weight, d_bias = chunked.linear_logprobs_backward(
             rows, weight, targets, lse, grad_logp, bias, softcap, temperature, need_hidden, need_weight, need_bias,
-            ctx.chunk_rows,
+            ctx.chunk_rows, held,
         )
         d_hidden = _scored_rows_to_hidden(d_rows, scored, ctx.hidden_shape, rows.dtype) if need_hidden else None
         return d_hidden, d_weight, d_bias, None, None, None, None, None
@@ -113,11 +119,12 @@ class _TorchLinearLogprobs(torch.autograd.Function):
 _LINEAR_LOGPROBS = {"triton": _TritonLinearLogprobs, "torch": _TorchLinearLogprobs}
 
 
-def _launch_options(backend: str, hidden: torch.Tensor) -> dict:
-    """The ``options`` argument of the backend's Function: the interpreter's under it, else the defaults."""
-    if backend == "triton" and interpreted(hidden):
-        return {"forward": INTERPRETER_FORWARD, "backward": INTERPRETER_BACKWARD}
-    return {}
+def _launch_options(backend: str, hidden: torch.Tensor, logits_budget: int, differentiable: bool) -> dict:
+    """The ``options`` argument of the backend's Function: the interpreter's under it, else the
+    defaults; the torch path keeps logits only for a backward to come."""
+    if backend == "triton":
+        return {"forward": INTERPRETER_FORWARD, "backward": INTERPRETER_BACKWARD} if interpreted(hidden) else {}
+    return {"logits_budget": logits_budget} if differentiable and logits_budget else {}
 
 
 # Rows of fp32 gradient cast per step of the scatter: 16 MiB, no full low-precision copy.
@@ -232,7 +239,7 @@ def sequence_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
     reduction: str = "mean", shift: bool = True, bias: torch.Tensor | None = None, softcap: float | None = None,
     temperature: float = 1.0, cu_seqlens: torch.Tensor | None = None, check_finite: bool = True,
-    backend: Backend | None = None,
+    backend: Backend | None = None, logits_budget: int = 0,
 ) -> torch.Tensor:
     """Log-probs of ``labels`` under the LM head ``weight`` applied to ``hidden``, per sequence.
 
@@ -258,6 +265,9 @@ def sequence_logprobs(
             still sync).
         backend: None (``SAMI_FAST_BACKEND``, default "auto"), "auto", "triton" or "torch";
             fp64 runs the torch path on every backend (the kernels' dots are fp32 at best).
+        logits_budget: bytes of fp32 logits (scored rows x V x 4) the torch backend may keep
+            from the forward for the backward, which then does not recompute them (a quarter
+            fewer flops); 0 keeps none. The Triton kernels always recompute.
 
     Returns:
         fp32 for fp32, bf16 and fp16 inputs (fp32 accumulation), fp64 for fp64; shape as
@@ -285,15 +295,16 @@ def sequence_logprobs(
     if torch.compiler.is_compiling():
         return torch.ops.sami_fast.sequence_logprobs(
             hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift,
-            None if softcap is None else float(softcap), float(temperature), check_finite, backend)
+            None if softcap is None else float(softcap), float(temperature), check_finite, backend, logits_budget)
     return _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap,
-                              temperature, check_finite, backend)
+                              temperature, check_finite, backend, logits_budget)
 
 
 def _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap,
-                       temperature, check_finite, backend):
+                       temperature, check_finite, backend, logits_budget):
     """``sequence_logprobs`` in eager mode, after autocast: validate, resolve the backend, apply its Function."""
     _check_inputs(hidden, weight, labels, bias, cu_seqlens, reduction, softcap, temperature, ignore_index)
+    check_positive_int("logits_budget", logits_budget, allow_zero=True, meaning="bytes")
     softcap, temperature = (None if softcap is None else float(softcap)), float(temperature)  # numpy scalars too
     targets, segment, n_seq = _aligned_targets(labels, ignore_index, shift, cu_seqlens)
     scored = scored_targets_mask("labels", targets, weight.shape[0], ignore_index).nonzero().squeeze(1)
@@ -305,8 +316,10 @@ def _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, r
     # Only scored rows reach the LM head, forward and backward. The kernels' dots are fp32
     # at best: fp64 takes the chunked torch path on every backend.
     backend = resolve(backend, hidden, weight)
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     per_row = _LINEAR_LOGPROBS[backend].apply(hidden, weight, bias, scored, targets.index_select(0, scored), softcap,
-                                              temperature, _launch_options(backend, hidden))
+                                              temperature, _launch_options(backend, hidden, logits_budget,
+                                                                           differentiable))
 
     if reduction == "none":
         out = per_row.new_zeros(targets.shape[0]).index_add(0, scored, per_row)
@@ -327,15 +340,15 @@ def _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, r
 def _sequence_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None, ignore_index: int, reduction: str, shift: bool, softcap: float | None,
-    temperature: float, check_finite: bool, backend: str | None,
+    temperature: float, check_finite: bool, backend: str | None, logits_budget: int,
 ) -> torch.Tensor:
     return _sequence_logprobs(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap,
-                              temperature, check_finite, backend)
+                              temperature, check_finite, backend, logits_budget)
 
 
 @_sequence_logprobs_op.register_fake
 def _(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap, temperature, check_finite,
-      backend):
+      backend, logits_budget):
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     if reduction != "none":
         shape = (labels.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1,)
@@ -350,14 +363,14 @@ def _(hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, 
 def _sequence_logprobs_backward_op(
     grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None, ignore_index: int, reduction: str, shift: bool, softcap: float | None,
-    temperature: float, backend: str | None, needs: list[bool],
+    temperature: float, backend: str | None, logits_budget: int, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d_hidden, d_weight, d_bias); an empty tensor for each gradient ``needs`` does not ask for."""
     with autograd_inside_op():
         leaves = [None if t is None else t.detach().requires_grad_(need)
                   for t, need in zip((hidden, weight, bias), needs)]
         out = _sequence_logprobs(leaves[0], leaves[1], labels, leaves[2], cu_seqlens, ignore_index, reduction, shift,
-                                 softcap, temperature, False, backend)
+                                 softcap, temperature, False, backend, logits_budget)
         wanted = [t for t, need in zip(leaves, needs) if need]
         grads = iter(torch.autograd.grad(out, wanted, grad))
     return tuple(next(grads) if need else hidden.new_empty(0) for need in needs)
@@ -365,14 +378,14 @@ def _sequence_logprobs_backward_op(
 
 @_sequence_logprobs_backward_op.register_fake
 def _(grad, hidden, weight, labels, bias, cu_seqlens, ignore_index, reduction, shift, softcap, temperature, backend,
-      needs):
+      logits_budget, needs):
     return tuple(torch.empty_like(t) if need else hidden.new_empty(0) for t, need in zip((hidden, weight, bias), needs))
 
 
 def _sequence_logprobs_setup_context(ctx, inputs, output):
     hidden, weight, labels, bias, cu_seqlens, *options = inputs
     ctx.save_for_backward(hidden, weight, labels, bias, cu_seqlens)
-    ctx.options = options[:-2] + options[-1:]  # ignore_index .. temperature, backend (no check_finite)
+    ctx.options = options[:5] + options[6:]  # ignore_index .. temperature, backend, logits_budget (no check_finite)
 
 
 def _sequence_logprobs_op_backward(ctx, grad):
@@ -381,7 +394,7 @@ def _sequence_logprobs_op_backward(ctx, grad):
                                                        (hidden, weight, bias))]
     grads = _sequence_logprobs_backward_op(grad, hidden, weight, labels, bias, cu_seqlens, *ctx.options, needs)
     d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
-    return d_hidden, d_weight, None, d_bias, *([None] * 8)
+    return d_hidden, d_weight, None, d_bias, *([None] * 9)
 
 
 _sequence_logprobs_op.register_autograd(_sequence_logprobs_op_backward, setup_context=_sequence_logprobs_setup_context)

@@ -45,15 +45,18 @@ def check_positive(name: str, value, *, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
-def check_positive_int(name: str, value, *, allow_none: bool = False, meaning: str = "") -> None:
-    """A positive int, not a bool (or None when ``allow_none``): chunk sizes, counts.
+def check_positive_int(name: str, value, *, allow_none: bool = False, allow_zero: bool = False,
+                       meaning: str = "") -> None:
+    """A positive int (or 0 when ``allow_zero``), not a bool (or None when ``allow_none``):
+    chunk sizes, counts, budgets.
 
     Raises a ValueError naming ``name`` (and ``meaning``, e.g. "pairs per chunk") otherwise.
     """
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive int" + (" or None" if allow_none else "") + (f" ({meaning})" if meaning else "")
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        expected = ("a non-negative int" if allow_zero else "a positive int") + (" or None" if allow_none else "")
+        expected += f" ({meaning})" if meaning else ""
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 

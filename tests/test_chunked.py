@@ -14,12 +14,13 @@ from sami_fast.sequence_logprobs import _TorchLinearLogprobs
 IGNORE = -100
 
 
-def chunked_token_logprobs(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
+def chunked_token_logprobs(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, chunk_rows=None,
+                           logits_budget=0):
     """Per-row log p(target) (N,) of aligned ``rows`` (N, D) through the torch path's Function,
     ``chunk_rows`` rows of logits per chunk; 0 where ``targets`` is IGNORE."""
     scored = (targets != IGNORE).nonzero().squeeze(1)
     per_row = _TorchLinearLogprobs.apply(rows, weight, bias, scored, targets.index_select(0, scored), softcap,
-                                         float(temperature), {"chunk_rows": chunk_rows})
+                                         float(temperature), {"chunk_rows": chunk_rows, "logits_budget": logits_budget})
     return per_row.new_zeros(targets.shape[0]).index_copy(0, scored, per_row)
 
 
@@ -47,9 +48,10 @@ def reference(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0
     return token_logprobs(rows, weight, targets, IGNORE, bias, softcap, temperature)
 
 
-def ours(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, chunk_rows=None):
+def ours(rows, weight, targets, *, bias=None, softcap=None, temperature=1.0, chunk_rows=None, logits_budget=0):
     return chunked_token_logprobs(
-        rows, weight, targets, bias=bias, softcap=softcap, temperature=temperature, chunk_rows=chunk_rows
+        rows, weight, targets, bias=bias, softcap=softcap, temperature=temperature, chunk_rows=chunk_rows,
+        logits_budget=logits_budget,
     )
 
 
@@ -59,13 +61,13 @@ def in_dtype(case, dtype):
     return [t.to(dtype).double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in case]
 
 
-def assert_matches_reference(case, *, dtype=torch.float32, chunk_rows=None, **kw):
+def assert_matches_reference(case, *, dtype=torch.float32, chunk_rows=None, logits_budget=0, **kw):
     """Value and gradients of ours in ``dtype`` obey the oracle rule: the reference in ``dtype``
     (plain) and in fp64 (truth), on the inputs rounded to ``dtype``."""
     case = in_dtype(case, dtype)
     truth = value_and_grads(reference, *case, torch.float64, **kw)
     plain = value_and_grads(reference, *case, dtype, **kw)
-    actual = value_and_grads(ours, *case, dtype, chunk_rows=chunk_rows, **kw)
+    actual = value_and_grads(ours, *case, dtype, chunk_rows=chunk_rows, logits_budget=logits_budget, **kw)
     rows, weight, bias, _, grad = case
     floors = linear_head_floors(rows, weight, bias, grad, kw.get("softcap"), kw.get("temperature", 1.0), dtype)
     for name, a, p, t in zip(("value", "d_rows", "d_weight", "d_bias"), actual, plain, truth):
@@ -272,3 +274,74 @@ def test_chunked_backward_holds_one_chunk_of_logits_at_a_time(monkeypatch, alloc
     # fp32 dx, fp32 dW chunk, bf16 dW, the tile's rows scaled by their upstream gradient (fp32)
     accumulators = 64 * 32 * 4 + 1000 * 32 * 4 + 4000 * 32 * 2 + 16 * 32 * 4
     assert logits_buffers + accumulators <= log.peak_bytes < 2 * logits_buffers + accumulators
+
+
+class _LogitCounter:
+    """Counts the tiles of logits the torch path computes with W (``_Head.logits``)."""
+
+    def __init__(self, monkeypatch):
+        self.tiles = 0
+        compute = chunked._Head.logits
+
+        def counted(head, *args):
+            self.tiles += 1
+            return compute(head, *args)
+
+        monkeypatch.setattr(chunked._Head, "logits", counted)
+
+
+@pytest.mark.parametrize("softcap, temperature", [(None, 1.0), (None, 0.6), (3.0, 1.4)])
+@pytest.mark.parametrize("vocab_block", [None, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_held_logits_skip_the_recompute_and_match_fp64(softcap, temperature, vocab_block, dtype, monkeypatch):
+    """A budget that holds the scored rows' logits: the backward computes no tile with W, and
+    values and gradients obey the oracle rule (softcap: the tanh comes back from the held z)."""
+    monkeypatch.setattr(chunked, "VOCAB_BLOCK", vocab_block)
+    case = make_case(37, 123, 1001, scale=4.0, seed=3)
+    counter = _LogitCounter(monkeypatch)
+    budget = 37 * 1001 * 4  # fp32 logits, whatever the head's dtype
+    assert_matches_reference(case, dtype=dtype, softcap=softcap, temperature=temperature, chunk_rows=7,
+                             logits_budget=budget)
+    forward_tiles = -(-(case[3] != IGNORE).sum().item() // 7) * -(-1001 // (vocab_block or 1001))
+    assert counter.tiles == forward_tiles  # the forward's tiles only
+
+
+def test_logits_over_the_budget_are_recomputed(monkeypatch):
+    rows, weight, bias, targets, grad = make_case(20, 16, 300, ignored=0.0)
+    counter = _LogitCounter(monkeypatch)
+    leaves = [t.float().requires_grad_() for t in (rows, weight, bias)]
+    out = ours(leaves[0], leaves[1], targets, bias=leaves[2], logits_budget=20 * 300 * 4 - 1)
+    out.backward(grad.float())
+    assert counter.tiles == 2  # one tile forward, one recomputed
+
+
+def test_a_second_backward_recomputes_what_the_first_consumed():
+    rows, weight, bias, targets, grad = make_case(23, 16, 200, seed=5)
+    leaves = [t.float().requires_grad_() for t in (rows, weight, bias)]
+    out = ours(leaves[0], leaves[1], targets, bias=leaves[2], logits_budget=2**20)
+    first = torch.autograd.grad(out, leaves, grad.float(), retain_graph=True)
+    second = torch.autograd.grad(out, leaves, grad.float())
+    recomputed = torch.autograd.grad(ours(*leaves[:2], targets, bias=leaves[2]), leaves, grad.float())
+    for a, b, c in zip(first, second, recomputed):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)  # the held logits are the recomputed ones, bit for bit
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+
+
+def test_sequence_logprobs_holds_logits_only_for_a_backward(monkeypatch):
+    """Public path: no buffer without a graph (no_grad, frozen inputs); the budget is checked."""
+    kept = []
+    allocate = chunked.held_logits
+    monkeypatch.setattr(chunked, "held_logits", lambda *args: kept.append(allocate(*args)) or kept[-1])
+    hidden = torch.randn(2, 9, 8)
+    weight = torch.randn(50, 8)
+    labels = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        sequence_logprobs(hidden, weight.requires_grad_(), labels, backend="torch", logits_budget=2**20)
+    sequence_logprobs(hidden, weight.detach(), labels, backend="torch", logits_budget=2**20)
+    assert kept == [None, None]
+    out = sequence_logprobs(hidden, weight, labels, backend="torch", logits_budget=2**20)
+    assert kept[-1] is not None and kept[-1].shape == (16, 50)
+    out.sum().backward()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="logits_budget"):
+            sequence_logprobs(hidden, weight, labels, backend="torch", logits_budget=bad)

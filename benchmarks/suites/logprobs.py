@@ -7,7 +7,8 @@ Kernel ``lm_head`` (from hidden states and the LM-head weight):
 * ``naive`` (original-style): logits = hidden Wᵀ, then the original ``get_batch_logprobs``
   (``reference.get_batch_logprobs``), holding the (rows, V) logits;
 * ``sami_fast[torch]``, ``sami_fast[triton]``: ``sami_fast.sequence_logprobs`` on each
-  backend the device has;
+  backend the device has; ``sami_fast[torch] held logits``: the torch backend with a
+  ``logits_budget`` that keeps the scored rows' logits for the backward (no recompute);
 * peers, each giving per-token losses (``reduction="none"``) and then the masked
   per-sequence mean: torch's ``linear_cross_entropy`` chunked
   (``options=LinearCrossEntropyOptions()``) and its reference path (``options=None``);
@@ -56,6 +57,11 @@ def head_inputs(device, dtype, sequences, length, dim, vocab, scored):
     labels[:, : int(round(length * (1 - scored)))] = IGNORE
     upstream = torch.randn(sequences, device=device, generator=generator)
     return hidden, weight, labels, upstream
+
+
+def rows_scored(sequences, length, scored):
+    """Positions with a label, as ``head_inputs`` makes them (the last position predicts nothing)."""
+    return sequences * (length - 1 - int(round(length * (1 - scored))))
 
 
 def masked_mean(per_token, labels):
@@ -209,6 +215,12 @@ def cases(device: str, size: str) -> list[Case]:
                             lambda h, w, y: sequence_logprobs(h, w, y, check_finite=False), backend, reason)
             for backend, reason in backends.items()
         ]
+        if device == "cpu":  # the torch backend's opt-in trade: memory for the recompute
+            budget = rows_scored(sequences, length, scored) * vocab * 4
+            candidates.append(_head_candidate(
+                "sami_fast[torch] held logits", "sami_fast", device, shape,
+                lambda h, w, y, budget=budget: sequence_logprobs(h, w, y, check_finite=False, logits_budget=budget),
+                "torch"))
         candidates += [_head_candidate(name, "peer", device, shape, forward, unavailable=reason)
                        for name, forward, reason in head_peers(device)]
         rows = sequences * (length - 1)
