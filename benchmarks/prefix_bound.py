@@ -9,6 +9,8 @@ Steps (each: matrix + SAMI loss + backward, gradients from zero):
   work than any exact method;
 * ``logprob_matrix``: ``sami_loss(logprob_matrix(...)).backward()``;
 * ``sami_backward``: ``sami_backward(..., micro_batch_size=16)``;
+* ``logprob_matrix_held``, ``sami_backward_held``: the same with a ``logits_budget`` (1 GiB)
+  that keeps the LM-head logits for the backward instead of recomputing them;
 * ``original``: all C*R ``prompt ++ response`` sequences with full logits
   (``benchmarks.suites.step``); skipped where it would not fit in memory.
 
@@ -91,7 +93,10 @@ def _bound_step(model, prompts, responses):
 
 
 STEPS = {"bound": _bound_step, "logprob_matrix": _fast_step,
+         "logprob_matrix_held": functools.partial(_fast_step, logits_budget=2**30),
          "sami_backward": functools.partial(_gradcache_step, micro_batch_size=MICRO_BATCH_SIZE),
+         "sami_backward_held": functools.partial(_gradcache_step, micro_batch_size=MICRO_BATCH_SIZE,
+                                                 logits_budget=2**30),
          "original": _original_step}
 
 

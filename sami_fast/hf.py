@@ -398,7 +398,7 @@ def _row_cache(parts: CausalLMParts, states: PromptStates, row_prompt):
 
 
 def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, responses, pad_id: int, reduction="mean",
-                    always_run_decoder=False, backend=None):
+                    always_run_decoder=False, backend=None, logits_budget=0):
     """Mean (``reduction="sum"``: summed) log-prob of ``responses[i]`` given prompt ``pair_prompt[i]``: shape (n,).
 
     Response i is fed without its last token (which predicts nothing); its first
@@ -409,7 +409,7 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
     for finiteness (callers name the pair). When every response has one token
     nothing is fed, unless ``always_run_decoder`` (FSDP2 ranks must run the same
     layer calls): then a masked padding token is, and its (unused) row gets zero
-    gradient. ``backend``: of the fused head, as in ``sequence_logprobs``.
+    gradient. ``backend``, ``logits_budget``: of the fused head, as in ``sequence_logprobs``.
     """
     device = parts.head_weight.device
     n_prompts = states.last_hidden.shape[0]
@@ -446,6 +446,7 @@ def score_responses(parts: CausalLMParts, states: PromptStates, pair_prompt, res
         temperature=parts.temperature,
         check_finite=False,
         backend=backend,
+        logits_budget=logits_budget,
     )
 
 

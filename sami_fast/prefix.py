@@ -44,6 +44,7 @@ class _Pairs:
     pair_response: list  # (B*C*R,) index into responses
     pad_id: int
     backend: str | None = None  # of the fused head and the loss, as in ``sequence_logprobs``
+    logits_budget: int = 0  # of the fused head, as in ``sequence_logprobs``
 
 
 def _token_groups(name: str, groups, vocab_size: int):
@@ -72,7 +73,8 @@ def _token_groups(name: str, groups, vocab_size: int):
     return flat, width, longest
 
 
-def _pairs(parts, prompts, responses, pad_token_id, backend=None) -> _Pairs:
+def _pairs(parts, prompts, responses, pad_token_id, backend=None, logits_budget=0) -> _Pairs:
+    check_positive_int("logits_budget", logits_budget, allow_zero=True, meaning="bytes")
     flat_prompts, C, prompt_max = _token_groups("prompts", prompts, parts.vocab_size)
     flat_responses, R, response_max = _token_groups("responses", responses, parts.vocab_size)
     B = len(prompts)
@@ -105,6 +107,7 @@ def _pairs(parts, prompts, responses, pad_token_id, backend=None) -> _Pairs:
         pair_response=(b * R + j).reshape(-1).tolist(),
         pad_id=pad_id,
         backend=backend,
+        logits_budget=logits_budget,
     )
 
 
@@ -178,7 +181,7 @@ def _check_reduction(reduction) -> None:
 
 def logprob_matrix(model, prompts: list, responses: list, *, pad_token_id: int | None = None,
                    micro_batch_size: int | None = None, reduction: str = "mean", self_check: bool = True,
-                   backend: Backend | None = None) -> torch.Tensor:
+                   backend: Backend | None = None, logits_budget: int = 0) -> torch.Tensor:
     """(B, C, R) SAMI scores: ``[b, k, j]`` = mean log-prob of ``responses[b][j]`` given ``prompts[b][k]``.
 
     Args:
@@ -192,6 +195,8 @@ def logprob_matrix(model, prompts: list, responses: list, *, pad_token_id: int |
         reduction: "mean" or "sum" of the response-token log-probs.
         self_check: self-check an unverified architecture on first use.
         backend: of the fused LM head, as in ``sequence_logprobs``.
+        logits_budget: bytes of LM-head logits a chunk may keep for its backward instead of
+            recomputing them (torch backend), as in ``sequence_logprobs``; 0 keeps none.
 
     Returns:
         (B, C, R) in fp32 (fp64 for an fp64 model), differentiable w.r.t. every parameter.
@@ -228,7 +233,7 @@ def logprob_matrix(model, prompts: list, responses: list, *, pad_token_id: int |
     given = model
     scorer, model = _scorer_and_model(model)
     parts = causal_lm_parts(model)
-    pairs = _pairs(parts, prompts, responses, pad_token_id, backend)
+    pairs = _pairs(parts, prompts, responses, pad_token_id, backend, logits_budget)
     _ensure_checked(scorer, model, parts, pairs, self_check)
     chunks = _chunks(len(pairs.pair_response), micro_batch_size)
     if scorer is given:  # a scorer passed in: each chunk through it (its wrapper's hooks run)
@@ -247,6 +252,7 @@ def logprob_matrix(model, prompts: list, responses: list, *, pad_token_id: int |
             reduction,
             False,
             pairs.backend,
+            pairs.logits_budget,
             checkpointed=checkpointed,
         )
         for s, e in chunks
@@ -264,7 +270,8 @@ def _chunk_scores(parts, pairs: _Pairs, start: int, stop: int, reduction: str,
     states = run_prompts(parts, pairs.prompts[first : last + 1], pairs.pad_id)
     responses = [pairs.responses[i] for i in pairs.pair_response[start:stop]]
     return score_responses(parts, states, pairs.pair_prompt[start:stop] - first, responses, pairs.pad_id, reduction,
-                           always_run_decoder=always_run_decoder, backend=pairs.backend)
+                           always_run_decoder=always_run_decoder, backend=pairs.backend,
+                           logits_budget=pairs.logits_budget)
 
 
 def _rng_state(device: torch.device):
@@ -376,7 +383,7 @@ def _fsdp_no_sync(module):
 def sami_backward(model, prompts: list, responses: list, *, micro_batch_size: int,
                   mask: torch.Tensor | None = None, reduction: str = "mean", loss_weight: float = 1.0,
                   self_check: bool = True, sync_gradients: bool = True, min_chunks: int | None = None,
-                  backend: Backend | None = None) -> tuple[torch.Tensor, dict]:
+                  backend: Backend | None = None, logits_budget: int = 0) -> tuple[torch.Tensor, dict]:
     """SAMI loss of the (B, C, C) matrix and its parameter gradients (accumulated into ``.grad``).
 
     Args:
@@ -387,6 +394,8 @@ def sami_backward(model, prompts: list, responses: list, *, micro_batch_size: in
         sync_gradients: whether this call's last backward reduces gradients across ranks.
         min_chunks: run at least this many chunks (FSDP2 ranks must agree).
         backend: of the fused LM head and the loss, as in ``sequence_logprobs``.
+        logits_budget: as in ``logprob_matrix``: bytes of logits one chunk's head may keep
+            for its backward (the graph-free first pass keeps none).
 
     Returns:
         ``(loss, stats)``: the detached 0-dim loss and ``sami_loss``'s stats.
@@ -430,7 +439,7 @@ def sami_backward(model, prompts: list, responses: list, *, micro_batch_size: in
             f"sami_backward: no parameter of model ({type(model).__name__}) requires grad, so there is nothing to "
             "train; unfreeze some (requires_grad_(True)), or use logprob_matrix under torch.no_grad() for scores"
         )
-    pairs = _pairs(parts, prompts, responses, pad_token_id=None, backend=backend)
+    pairs = _pairs(parts, prompts, responses, pad_token_id=None, backend=backend, logits_budget=logits_budget)
     B, C, R = pairs.shape
     if C != R:
         raise ValueError(

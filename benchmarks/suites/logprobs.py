@@ -59,11 +59,6 @@ def head_inputs(device, dtype, sequences, length, dim, vocab, scored):
     return hidden, weight, labels, upstream
 
 
-def rows_scored(sequences, length, scored):
-    """Positions with a label, as ``head_inputs`` makes them (the last position predicts nothing)."""
-    return sequences * (length - 1 - int(round(length * (1 - scored))))
-
-
 def masked_mean(per_token, labels):
     """Per-sequence mean of the shifted per-token log-probs (B, T-1) over scored positions."""
     scored = labels[:, 1:] != IGNORE
@@ -216,7 +211,7 @@ def cases(device: str, size: str) -> list[Case]:
             for backend, reason in backends.items()
         ]
         if device == "cpu":  # the torch backend's opt-in trade: memory for the recompute
-            budget = rows_scored(sequences, length, scored) * vocab * 4
+            budget = sequences * length * vocab * 4  # every position's fp32 logits: the scored rows' fit
             candidates.append(_head_candidate(
                 "sami_fast[torch] held logits", "sami_fast", device, shape,
                 lambda h, w, y, budget=budget: sequence_logprobs(h, w, y, check_finite=False, logits_budget=budget),

@@ -133,28 +133,27 @@ def _original_step(model, prompts, responses):
     return run
 
 
-def _fast_step(model, prompts, responses):
+def _fast_step(model, prompts, responses, logits_budget=0):
     """sami_fast: each prompt once, its keys/values shared by the responses, no logits tensor."""
 
     def run():
         model.zero_grad(set_to_none=True)
-        loss = sami_loss(logprob_matrix(model, prompts, responses))
+        loss = sami_loss(logprob_matrix(model, prompts, responses, logits_budget=logits_budget))
         loss.backward()
         return loss
 
     return run
 
 
-def _gradcache_step(model, prompts, responses, micro_batch_size=None):
+def _gradcache_step(model, prompts, responses, micro_batch_size=None, logits_budget=0):
     """sami_fast's gradient cache: ``micro_batch_size`` pairs per chunk (None: one prompt's R responses)."""
 
     def run():
         model.zero_grad(set_to_none=True)
-        return sami_backward(model, prompts, responses, micro_batch_size=micro_batch_size or len(responses[0]))[0]
+        return sami_backward(model, prompts, responses, micro_batch_size=micro_batch_size or len(responses[0]),
+                             logits_budget=logits_budget)[0]
 
     return run
-
-
 
 
 def _checked_parameters(model) -> list[str]:
