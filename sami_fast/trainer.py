@@ -151,9 +151,8 @@ def encode_sami_batch(tokenizer, constitutions: Sequence[Sequence[str]], queries
     Raises:
         ValueError: as ``encode_prompts``; ``responses`` without one list per query, a
             ``responses[b]`` not a non-empty list or tuple or of another length than
-            ``responses[0]``, an
-            empty (or whitespace-only) response, or one that tokenizes to no tokens;
-            ``append_eos=True`` with a tokenizer that has no ``eos_token_id``.
+            ``responses[0]``, an empty (or whitespace-only) response, or one that tokenizes
+            to no tokens; ``append_eos=True`` with a tokenizer that has no ``eos_token_id``.
         TypeError: as ``encode_prompts``; a response that is not a str.
     """
     prompts = encode_prompts(tokenizer, constitutions, queries, template=template)
