@@ -579,7 +579,7 @@ class Trainer:
             or two identical ones).
 
         Raises:
-            ValueError: a prompt that tokenizes to no tokens, or whose tokens plus
+            ValueError: a prompt that tokenizes to no tokens; a prompt whose tokens plus
                 ``max_new_tokens`` exceed the model's positions (naming the query's file and line).
             TypeError, ValueError: a generator that does not return one ``Generation`` or
                 str per prompt (``run_generator``).
