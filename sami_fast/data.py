@@ -28,6 +28,7 @@ import bisect
 import json
 import json.decoder
 import json.scanner
+import os
 import pathlib
 import random
 import re
@@ -43,13 +44,30 @@ class DataError(ValueError):
     """Bad data: the message starts with ``"<path>:<line>: "`` (``"<path>: "`` for a whole-file problem)."""
 
     @classmethod
-    def at(cls, path, message: str, line: int | None = None) -> DataError:
+    def at(cls, path: str | os.PathLike, message: str, line: int | None = None) -> DataError:
+        """The error ``"<path>:<line>: <message>"`` (``"<path>: <message>"`` when ``line`` is None).
+
+        Args:
+            path: the file (or directory) at fault.
+            message: what is wrong.
+            line: the 1-based line, or None for the file as a whole.
+
+        Returns:
+            the ``DataError`` (to raise).
+        """
         where = f"{path}:{line}" if line is not None else f"{path}"
         return cls(f"{where}: {message}")
 
 
 @dataclass(frozen=True)
 class Principle:
+    """One principle of a principle file.
+
+    Attributes:
+        principle: the principle, one line of text.
+        antithesis: its opposite, one line of text.
+    """
+
     principle: str
     antithesis: str
 
@@ -63,6 +81,9 @@ class ConstitutionSource:
         principles: principles with antitheses, to sample constitutions from.
         constitutions: a ready list of distinct constitution texts.
         pairs: (positive, negative) per reference-format file, sorted by file name.
+
+    Raises:
+        ValueError: not exactly one of ``principles``, ``constitutions``, ``pairs`` is set.
     """
 
     path: str
@@ -78,6 +99,14 @@ class ConstitutionSource:
 
 @dataclass(frozen=True)
 class Query:
+    """One query of a query file.
+
+    Attributes:
+        text: the query text.
+        fields: a JSONL line's other fields (empty for plain text).
+        where: ``"<path>:<line>"``, named in errors.
+    """
+
     text: str
     fields: dict
     where: str
@@ -85,6 +114,15 @@ class Query:
 
 @dataclass(frozen=True)
 class PregeneratedExample:
+    """One example of pre-generated training data (``load_training_data``).
+
+    Attributes:
+        example_id: its key in the file.
+        prompts: C full prompts, already rendered (prompt k under constitution k).
+        responses: C responses (response k generated under prompt k).
+        where: ``"<path>:<line>"`` of its item list, named in errors.
+    """
+
     example_id: str
     prompts: list[str]
     responses: list[str]
@@ -239,11 +277,19 @@ def _parse_principles(entries, path) -> list[Principle]:
     return principles
 
 
-def load_principles(path) -> list[Principle]:
+def load_principles(path: str | os.PathLike) -> list[Principle]:
     """Read a principle file ``{"principles": [{"principle": ..., "antithesis": ...}, ...]}``.
+
+    Args:
+        path: the JSON file.
 
     Returns:
         the principles in file order, whitespace around each text stripped.
+
+    Raises:
+        DataError: an unreadable or malformed file, no ``"principles"`` key or an empty list,
+            an entry without a non-blank one-line ``"principle"`` or ``"antithesis"``, or a
+            text that repeats another.
     """
     document = _require_object(_load_json(path), "the file", path)
     if "principles" not in document:
@@ -275,12 +321,23 @@ def _parse_constitution_list(entries, path) -> list[str]:
     return constitutions
 
 
-def load_constitution_source(path) -> ConstitutionSource:
+def load_constitution_source(path: str | os.PathLike) -> ConstitutionSource:
     """Read constitutions from a principle file, a ready list, or a reference-format directory.
 
     Arguments:
         path: a directory of ``{"positive", "negative"}`` JSON files (C = 2), or a JSON file
             holding either ``"principles"`` (see ``load_principles``) or ``"constitutions"``.
+
+    Returns:
+        a ``ConstitutionSource`` with ``pairs`` (directory, in file-name order),
+        ``principles`` or ``constitutions`` set.
+
+    Raises:
+        DataError: a directory without ``*.json`` files or with a file whose ``"positive"``
+            and ``"negative"`` are missing, blank or the same text; a file holding both or
+            neither of ``"principles"`` and ``"constitutions"``; a bad principle list (as
+            ``load_principles``); an empty constitution list, a blank or non-string entry, or
+            a repeated text; an unreadable or malformed file.
     """
     if pathlib.Path(path).is_dir():
         return ConstitutionSource(path=str(path), pairs=_load_reference_dir(path))
@@ -296,7 +353,17 @@ def load_constitution_source(path) -> ConstitutionSource:
 
 
 def render_constitution(principles: list[str]) -> str:
-    """The constitution text: ``"- <principle>"`` per principle, one per line, no trailing newline."""
+    """The constitution text: ``"- <principle>"`` per principle, one per line, no trailing newline.
+
+    Args:
+        principles: the principle (or antithesis) texts, in order.
+
+    Returns:
+        the lines joined by newlines.
+
+    Raises:
+        ValueError: ``principles`` is empty.
+    """
     if not principles:
         raise ValueError("principles must be a non-empty list of strings")
     return "\n".join(f"- {principle}" for principle in principles)
@@ -336,6 +403,13 @@ class ConstitutionSampler:
     Attributes:
         max_distinct: the most distinct constitutions one query can get: 2**m for m
             principles per constitution, the list's length for a ready list, 2 for pairs.
+
+    Raises:
+        TypeError: ``seed`` or ``num_constitutions`` is not an int, or (for principles) a given
+            ``principles_per_constitution`` is not.
+        DataError: ``num_constitutions`` below 2 or above ``max_distinct``;
+            ``principles_per_constitution`` outside 1..(principles in the file), or given
+            for a source without principles.
     """
 
     def __init__(self, source: ConstitutionSource, *, num_constitutions: int,
@@ -373,7 +447,23 @@ class ConstitutionSampler:
         self.principles_per_constitution = principles_per_constitution
 
     def for_query(self, index: int) -> list[str]:
-        """The C constitution texts of query ``index`` (constitution 0 first)."""
+        """The C constitution texts of query ``index`` (constitution 0 first).
+
+        A ready list of exactly C constitutions gives all of them, in order; a longer one C
+        of them at random; pairs one pair at random. From principles:
+        ``principles_per_constitution`` principles drawn at random; constitution 0 states
+        them all, each other one flips a distinct non-empty subset to their antitheses; the
+        lines of each are shuffled (``render_constitution``).
+
+        Args:
+            index: the query's index (from 0).
+
+        Returns:
+            C distinct constitution texts, the same for the same seed and index in any process.
+
+        Raises:
+            ValueError: ``index`` is not a non-negative int.
+        """
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"index must be a non-negative int, got {index!r}")
         # A string seed is hashed with SHA-512: the same in every process, whatever PYTHONHASHSEED is.
@@ -402,12 +492,20 @@ def _lines(text: str):
         yield number, line.rstrip("\r")
 
 
-def load_queries(path) -> list[Query]:
+def load_queries(path: str | os.PathLike) -> list[Query]:
     """Read queries: ``.jsonl`` (one ``{"query": ...}`` per line) or plain text (one per line).
+
+    Args:
+        path: a ``.jsonl`` file, or any other file but ``.json`` (read as plain text); blank
+            lines are skipped.
 
     Returns:
         the queries in file order; ``Query.fields`` holds a JSONL line's other fields
         (empty for plain text) and ``Query.where`` is ``"<path>:<line>"``.
+
+    Raises:
+        DataError: an unreadable file; a ``.json`` file; a JSONL line that is malformed, not
+            an object, repeats a key, or has no non-blank string ``"query"``; no query at all.
     """
     text = _read_text(path)
     suffix = pathlib.Path(path).suffix.lower()
@@ -456,17 +554,27 @@ def _example_problem(items) -> str | None:
     return None
 
 
-def load_training_data(path) -> tuple[list[PregeneratedExample], list[tuple[str, str]]]:
+def load_training_data(
+    path: str | os.PathLike,
+) -> tuple[list[PregeneratedExample], list[tuple[str, str]]]:
     """Read pre-generated SAMI data in the reference code's training format.
 
     ``{example_id: [{"prompt": ..., "response": ..., "example_id": ...}, ...]}``: item k is
     the full prompt under constitution k (already rendered) and the response generated under it.
+
+    Args:
+        path: the JSON file.
 
     Returns:
         (examples, skipped): the usable examples in file order, and ``(example_id, reason)``
         for each example left out: a missing, null or empty prompt or response, fewer than 2
         items, or two items with the same prompt or the same response (nothing to contrast).
         Examples may differ in their number of items (C >= 2 each).
+
+    Raises:
+        DataError: an unreadable or malformed file, no examples, an example that is not an
+            array of objects, a ``"prompt"`` or ``"response"`` that is neither a string nor
+            null, or no usable example at all.
     """
     document = _require_object(_load_json(path), "the file", path)
     if not document:
@@ -506,7 +614,11 @@ def embedded_queries_path() -> pathlib.Path:
 
 
 def embedded_principles_path(name: str | None = None) -> pathlib.Path:
-    """The shipped principle file ``name`` (one of ``EMBEDDED_PRINCIPLES``; None = the first, the default)."""
+    """The shipped principle file ``name`` (one of ``EMBEDDED_PRINCIPLES``; None = the first, the default).
+
+    Raises:
+        ValueError: ``name`` is not one of ``EMBEDDED_PRINCIPLES``.
+    """
     if name is None:
         name = EMBEDDED_PRINCIPLES[0]
     if name not in EMBEDDED_PRINCIPLES:

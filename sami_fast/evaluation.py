@@ -33,6 +33,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,17 +78,55 @@ SUMMARY_COLUMNS = (
 class EvalConfig(ConfigFile):
     """Everything ``sami-fast eval`` needs; ``EvalConfig.from_file`` reads it from YAML or JSON.
 
-    ``policy``: a ``sami-fast train`` output directory (each ``iteration-N/policy`` is
-    evaluated, in order) or one model (directory, ``.gguf`` file or cached hub name).
-    ``base``, ``judge``: models as ``TrainConfig.model`` takes them; ``base`` None means the
-    model the training run started from (its ``train_config.json``), ``judge`` None means
-    SmolLM2-135M-Instruct (the trainer's default base; loaded once when it is both).
-    ``queries``: None means the embedded queries training leaves out (all but the first
-    ``EMBEDDED_TRAINING_QUERIES``); queries found in the training run's ``data.jsonl``
-    files are left out with a warning. ``held_out_principles``: draw constitutions from
-    the last k principles of the pool only (train on the others to hold them out).
-    The constitution options (``num_constitutions``, ``principles_per_constitution``,
-    ``seed``, ``template``) should be the training run's, so the MI is comparable.
+    Every option is checked on construction. The constitution options
+    (``num_constitutions``, ``principles_per_constitution``, ``seed``, ``template``) should
+    be the training run's, so the MI is comparable.
+
+    Attributes:
+        policy: required: a ``sami-fast train`` output directory (each ``iteration-N/policy``
+            is evaluated, in order) or one model (directory, ``.gguf`` file or cached hub name).
+        base: a model as ``TrainConfig.model`` takes it; None (default): the model the
+            training run started from (its ``train_config.json``).
+        judge: a model as ``TrainConfig.model`` takes it; None (default):
+            SmolLM2-135M-Instruct (the trainer's default base; loaded once when it is both).
+        out: the output directory (default ``"sami-eval"``; see ``Evaluator``).
+        queries: a query file; None (default): the embedded queries training leaves out
+            (all but the first ``EMBEDDED_TRAINING_QUERIES``). Queries found in the training
+            run's ``data.jsonl`` files are left out with a warning.
+        principles: as ``TrainConfig.principles``; None (default): the embedded principle file.
+        max_queries: the first N held-out queries only; None (default): all of them.
+        held_out_principles: k: draw constitutions from the last k principles of the pool
+            only (train on the others to hold them out); principle files only; default None.
+        num_constitutions: C, at least 2 (default 4), as in training.
+        principles_per_constitution: as in training (default 2).
+        template: as in training (default None).
+        max_new_tokens: the most tokens a response may have (default 32).
+        do_sample: sample; False (default): greedy, so a model's responses are its most
+            likely ones.
+        temperature: the sampling temperature, > 0 (default 0.7).
+        top_p: the nucleus sampling mass, in (0, 1] (default 0.9).
+        stop_strings: a response ends before the first of these it contains (non-empty
+            strings; default none).
+        generation_batch_size: prompts per generate call; None (default): all of one model
+            in one call.
+        score_reduction: ``"mean"`` (default) or ``"sum"`` of the response-token log-probs,
+            for the held-out MI.
+        score_batch_size: (prompt, response) pairs per scoring chunk (bounds memory; default 64).
+        win_rate: True (default): judge the policies against the base; False: held-out MI
+            only, no judge loaded.
+        judge_template: None (default): the judge's chat template if it has one, else
+            ``PLAIN_JUDGE_TEMPLATE``; ``"chat"``; or a format string with ``{question}``.
+        judge_batch_size: comparisons per judge call (each is two prompts; default 8).
+        tie_margin: a verdict is a tie when ``|p_policy - 0.5|`` is at most this (``verdicts``);
+            in [0, 0.5), default 0.05.
+        bootstrap_samples: resamples of each bootstrap interval (default 2000).
+        dtype: the models' dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``.
+        seed: an int (default 0): of the constitutions (as in training), sampling and the
+            bootstrap.
+        quiet: no progress bars (default False).
+
+    Raises:
+        ValueError: a bad option value, naming the option.
     """
 
     policy: str | None = None
@@ -166,11 +205,23 @@ class EvalConfig(ConfigFile):
 # ---------------------------------------------------------------- what to evaluate
 
 
-def policy_models(spec: str) -> list:
+def policy_models(spec: str) -> list[tuple[str, int, str]]:
     """(name, iteration, model spec) of each policy ``spec`` names, in iteration order.
 
     A ``sami-fast train`` output directory gives ``iteration-N/policy`` for every N; a
     model directory, ``.gguf`` file or hub name gives itself (iteration 1).
+
+    Args:
+        spec: ``EvalConfig.policy``.
+
+    Returns:
+        ``("iteration-N", N, path)`` per iteration of a training run (also for one
+        ``iteration-N/policy`` directory); ``(name, 1, spec)`` for any other model (its
+        directory name, or the file stem of a ``.gguf`` file or hub name).
+
+    Raises:
+        FileNotFoundError: a directory that holds no model (no ``config.json``) and no
+            iteration, or an iteration whose ``policy/`` holds no model (it did not finish).
     """
     path = Path(spec)
     if not path.is_dir():
@@ -197,7 +248,15 @@ def policy_models(spec: str) -> list:
 
 
 def training_run(spec: str) -> Path:
-    """The ``sami-fast train`` output directory ``spec`` is or (as one ``iteration-N/policy``) belongs to."""
+    """The ``sami-fast train`` output directory ``spec`` is or (as one ``iteration-N/policy``) belongs to.
+
+    Args:
+        spec: ``EvalConfig.policy``.
+
+    Returns:
+        the parent of ``iteration-N`` for an ``iteration-N/policy`` path, else ``spec`` as a
+        path (whether or not it is a training run).
+    """
     path = Path(spec)
     if path.name == "policy" and re.fullmatch(r"iteration-\d+", path.resolve().parent.name):
         return path.resolve().parent.parent
@@ -206,13 +265,28 @@ def training_run(spec: str) -> Path:
 
 def training_base(spec: str) -> str | None:
     """The model the ``sami-fast train`` run ``spec`` started from, as its options name it (None: not recorded,
-    or the run's default, SmolLM2-135M-Instruct)."""
+    or the run's default, SmolLM2-135M-Instruct).
+
+    Args:
+        spec: ``EvalConfig.policy`` (the run's ``train_config.json`` is read, if there is one).
+
+    Returns:
+        the run's ``model`` option, or None.
+    """
     options = training_run(spec) / TRAIN_CONFIG_FILE
     return json.loads(options.read_text(encoding="utf-8")).get("model") if options.is_file() else None
 
 
 def training_queries(spec: str) -> set:
-    """The query texts a ``sami-fast train`` output directory (or one of its ``iteration-N/policy``) trained on."""
+    """The query texts a ``sami-fast train`` output directory (or one of its ``iteration-N/policy``) trained on.
+
+    Args:
+        spec: ``EvalConfig.policy``.
+
+    Returns:
+        the queries of every ``iteration-*/data.jsonl`` record with one (dropped ones
+        included); empty when ``spec`` is no directory or holds no such file.
+    """
     path = training_run(spec)
     texts = set()
     for data in sorted(path.glob("iteration-*/data.jsonl")) if path.is_dir() else []:
@@ -221,8 +295,22 @@ def training_queries(spec: str) -> set:
     return texts
 
 
-def held_out_queries(config: EvalConfig, trained: set = frozenset()) -> list:
-    """The evaluation queries: ``config.queries`` (default: the embedded ones training leaves out), less ``trained``."""
+def held_out_queries(config: EvalConfig, trained: set[str] | frozenset[str] = frozenset()) -> list[sami_data.Query]:
+    """The evaluation queries: ``config.queries`` (default: the embedded ones training leaves out), less ``trained``.
+
+    Args:
+        config: its ``queries`` and ``max_queries`` (the first N kept, after leaving out ``trained``).
+        trained: query texts to leave out (``training_queries``); default none.
+
+    Returns:
+        the queries, in file order.
+
+    Raises:
+        ValueError: no query left; ``sami_fast.data.DataError`` for a bad query file.
+
+    Warns:
+        UserWarning: some queries were left out as trained on.
+    """
     queries = sami_data.load_queries(config.queries or sami_data.embedded_queries_path())
     if config.queries is None:
         queries = queries[EMBEDDED_TRAINING_QUERIES:]
@@ -238,7 +326,19 @@ def held_out_queries(config: EvalConfig, trained: set = frozenset()) -> list:
 
 
 def held_out_sampler(config: EvalConfig) -> sami_data.ConstitutionSampler:
-    """The training sampler, over the last ``held_out_principles`` of the pool when that is set."""
+    """The training sampler, over the last ``held_out_principles`` of the pool when that is set.
+
+    Args:
+        config: its ``principles`` (None: the embedded file), ``held_out_principles`` and the
+            options ``constitution_sampler`` reads.
+
+    Returns:
+        the ``ConstitutionSampler``.
+
+    Raises:
+        ValueError: ``held_out_principles`` for a source without principles, or more than it
+            holds; ``sami_fast.data.DataError`` as ``constitution_sampler``.
+    """
     path = config.principles or sami_data.embedded_principles_path()
     source = sami_data.load_constitution_source(path)
     k = config.held_out_principles
@@ -255,7 +355,16 @@ def held_out_sampler(config: EvalConfig) -> sami_data.ConstitutionSampler:
 
 
 def verdicts(p_policy: np.ndarray, identical: np.ndarray, tie_margin: float) -> np.ndarray:
-    """1 where the policy wins, 0 where it loses, 0.5 for a tie (``|p - 0.5| <= tie_margin`` or identical responses)."""
+    """1 where the policy wins, 0 where it loses, 0.5 for a tie (``|p - 0.5| <= tie_margin`` or identical responses).
+
+    Args:
+        p_policy: (n,) the judge's P(policy's response is better) per comparison.
+        identical: (n,) bool: the two responses are the same text.
+        tie_margin: in [0, 0.5).
+
+    Returns:
+        (n,) float64 verdicts.
+    """
     p_policy = np.asarray(p_policy, dtype=np.float64)
     result = np.where(p_policy > 0.5 + tie_margin, 1.0, np.where(p_policy < 0.5 - tie_margin, 0.0, 0.5))
     return np.where(np.asarray(identical, dtype=bool), 0.5, result)
@@ -269,6 +378,14 @@ def length_controlled_win_rate(verdict: np.ndarray, length_difference: np.ndarra
     ``prior``: precision of a N(0, 1/prior) prior on ``a`` and on ``b`` times the
     difference's standard deviation; it keeps the fit finite when the verdicts are
     separable (all wins, say) and weighs as little as one comparison.
+
+    Args:
+        verdict: (n,) verdicts in {0, 0.5, 1}.
+        length_difference: (n,) token-length difference (policy - base) per comparison.
+        prior: the prior's precision (default 1.0).
+
+    Returns:
+        ``(win_rate, slope)``: floats; the slope is 0.0 when every difference is the same.
     """
     y = np.asarray(verdict, dtype=np.float64)
     difference = np.asarray(length_difference, dtype=np.float64)
@@ -288,11 +405,18 @@ def length_controlled_win_rate(verdict: np.ndarray, length_difference: np.ndarra
     return float(1.0 / (1.0 + math.exp(-beta[0]))), float(beta[1] / spread) if spread > 0 else 0.0
 
 
-def bootstrap_interval(statistic, groups: list, samples: int, seed: int) -> tuple:
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], groups: list[np.ndarray], samples: int,
+                       seed: int) -> tuple[float, float]:
     """95% percentile bootstrap interval of ``statistic(rows)``, resampling whole groups.
 
-    ``groups``: one integer array of row indices per group (a query's comparisons);
-    ``statistic``: rows (an index array) -> float.
+    Args:
+        statistic: rows (an index array) -> float.
+        groups: one integer array of row indices per group (a query's comparisons).
+        samples: the bootstrap resamples, each ``len(groups)`` groups drawn with replacement.
+        seed: of numpy's generator, so the interval is reproducible.
+
+    Returns:
+        ``(low, high)``: the 2.5% and 97.5% quantiles of the resampled statistic (``CONFIDENCE``).
     """
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(groups), size=(samples, len(groups)))
@@ -316,10 +440,14 @@ class Judge:
         template: "chat" (the question as the user message), a format string with
             ``{question}``, or None: "chat" when the tokenizer has a chat template, else
             ``PLAIN_JUDGE_TEMPLATE``.
-        batch_size: comparisons per ``logprob_matrix`` call.
+        batch_size: comparisons per ``logprob_matrix`` call (default 8).
+
+    Raises:
+        ValueError: ``template="chat"`` for a tokenizer without a chat template, or a
+            tokenizer with no single token for a verdict letter.
     """
 
-    def __init__(self, model, tokenizer, template=None, batch_size: int = 8):
+    def __init__(self, model, tokenizer, template: str | None = None, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template == "chat" and not has_chat:
@@ -335,7 +463,19 @@ class Judge:
             self.letter_ids.append(torch.tensor(ids, dtype=torch.long))
 
     def prompt_ids(self, constitution: str, query: str, response_a: str, response_b: str) -> torch.Tensor:
-        """The judge prompt's token ids, ending where the verdict letter comes."""
+        """The judge prompt's token ids, ending where the verdict letter comes.
+
+        Args:
+            constitution, query: the principles and the query both responses answered.
+            response_a, response_b: the response shown as A, then the one shown as B.
+
+        Returns:
+            (T,) int64: ``JUDGE_QUESTION`` in the judge's template, tokenized.
+
+        Raises:
+            ValueError: the prompt and the verdict letter do not fit in the judge's
+                ``max_position_embeddings``.
+        """
         question = JUDGE_QUESTION.format(constitution=constitution, query=query, response_a=response_a,
                                          response_b=response_b)
         if self.template == "chat":
@@ -350,12 +490,22 @@ class Judge:
                              "max_new_tokens or use a judge with a longer context")
         return torch.tensor(ids, dtype=torch.long)
 
-    def logprobs(self, comparisons: list, bar=None) -> torch.Tensor:
+    def logprobs(self, comparisons: list[tuple[str, str, str, str]], bar=None) -> torch.Tensor:
         """(n, 2, 2) float64: ``[i, order, letter]`` = log P(letter | judge prompt of comparison i in that order).
 
-        ``comparisons``: (constitution, query, policy response, base response) each; order 0
-        shows the policy's response first (as A), order 1 second; letter 0 is "A".
-        ``judge_batch_size`` comparisons per ``logprob_matrix`` call.
+        ``judge_batch_size`` (``batch_size``) comparisons per ``logprob_matrix`` call.
+
+        Args:
+            comparisons: (constitution, query, policy response, base response) each; order 0
+                shows the policy's response first (as A), order 1 second; letter 0 is "A".
+            bar: None (default) or a tqdm progress bar, advanced by each batch's comparisons.
+
+        Returns:
+            the (n, 2, 2) float64 CPU tensor; (0, 2, 2) for no comparisons.
+
+        Raises:
+            ValueError: a prompt too long for the judge (``prompt_ids``).
+            FloatingPointError: a NaN/inf score (``logprob_matrix``).
         """
         parts = []
         for start in range(0, len(comparisons), self.batch_size):
@@ -368,8 +518,11 @@ class Judge:
                 bar.update(len(batch))
         return torch.cat(parts) if parts else torch.zeros(0, 2, 2, dtype=torch.float64)
 
-    def preferences(self, comparisons: list, bar=None) -> dict:
+    def preferences(self, comparisons: list[tuple[str, str, str, str]], bar=None) -> dict[str, np.ndarray]:
         """Judge ``comparisons`` (as ``logprobs`` takes them).
+
+        Args:
+            comparisons, bar: as in ``logprobs``.
 
         Returns:
             float64 arrays of the comparisons' length: ``p_policy_as_a`` and ``p_policy_as_b``
@@ -388,7 +541,17 @@ class Judge:
 
 @dataclass
 class ModelResponses:
-    """One model's responses to the held-out queries and their held-out MI."""
+    """One model's responses to the held-out queries and their held-out MI.
+
+    Attributes:
+        name: the model's name in the outputs.
+        iteration: its iteration; 0: the base.
+        responses: per query, C response texts (response k under constitution k).
+        finished: per query, C bools.
+        tokens: per query, C token counts (the model's own tokenizer).
+        mi: ``sami_loss``, ``mi_lower_bound``, ``row_accuracy``, ``column_accuracy``,
+            ``mi_queries``, ``per_query_mi`` (``Evaluator.held_out_mi``).
+    """
 
     name: str
     iteration: int  # 0: the base
@@ -400,13 +563,20 @@ class ModelResponses:
 
 @dataclass
 class EvalResult:
-    """What ``Evaluator.run`` found: one summary row per model (``SUMMARY_COLUMNS``), the comparisons, the files."""
+    """What ``Evaluator.run`` found: one summary row per model (``SUMMARY_COLUMNS``), the comparisons, the files.
+
+    Attributes:
+        rows: one summary dict per model, the base first (``SUMMARY_COLUMNS``).
+        comparisons: one record per policy, query and constitution (``comparisons.jsonl``'s).
+        out: the output directory.
+    """
 
     rows: list
     comparisons: list
     out: Path
 
     def table(self) -> str:
+        """The summary as a text table (``format_table``)."""
         return format_table(self.rows)
 
 
@@ -421,12 +591,26 @@ class Evaluator:
     - ``summary.csv``: one row per model (``SUMMARY_COLUMNS``); ``evaluation.png``: the
       win rates and the MI lower bound per iteration with their 95% intervals.
 
-    ``base``, ``judge``: ``(model, tokenizer)`` already loaded (else ``config.base`` /
-    ``config.judge`` are loaded); ``policies``: ``(name, iteration, model, tokenizer)``
-    tuples instead of ``config.policy``'s models.
+    Everything that can be wrong is checked on construction, before the first model
+    generates: the policies, the held-out queries, the constitutions, the base and the judge
+    (both loaded here).
+
+    Args:
+        config: the evaluation's options.
+        base, judge: ``(model, tokenizer)`` already loaded (else ``config.base`` /
+            ``config.judge`` are loaded).
+        policies: ``(name, iteration, model, tokenizer)`` tuples instead of
+            ``config.policy``'s models (then no query is left out as trained on, and
+            ``config.base`` None means SmolLM2-135M-Instruct).
+
+    Raises:
+        TypeError: ``config`` is not an ``EvalConfig``.
+        FileNotFoundError: as ``policy_models``; a model that cannot be loaded.
+        ValueError: as ``held_out_queries``, ``held_out_sampler`` and ``Judge``.
     """
 
-    def __init__(self, config: EvalConfig, *, base=None, judge=None, policies=None):
+    def __init__(self, config: EvalConfig, *, base: tuple | None = None, judge: tuple | None = None,
+                 policies: list[tuple] | None = None):
         if not isinstance(config, EvalConfig):
             raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}")
         self.config = config
@@ -465,7 +649,22 @@ class Evaluator:
     # ------------------------------------------------------------------ per model
 
     def respond(self, name: str, iteration: int, model, tokenizer) -> ModelResponses:
-        """``model``'s responses under every constitution of every held-out query, and their held-out MI."""
+        """``model``'s responses under every constitution of every held-out query, and their held-out MI.
+
+        Args:
+            name: the model's name in the outputs.
+            iteration: 0 for the base, else the policy's iteration; with ``config.seed`` it
+                seeds the sampling, distinct per model (two copies of one model sample
+                different responses).
+            model, tokenizer: the model to evaluate and its tokenizer.
+
+        Returns:
+            the ``ModelResponses``.
+
+        Raises:
+            ValueError: a bad ``config.template`` for the tokenizer; as ``HFGenerator`` and
+                ``held_out_mi``.
+        """
         config = self.config
         template = _check_template(tokenizer, config.template)
         prompts = [[build_prompt(tokenizer, c, query.text, template) for c in constitutions]
@@ -494,6 +693,18 @@ class Evaluator:
         A query with an empty response (nothing to score) is left out; ``mi_queries`` counts
         the queries that take part, ``per_query_mi`` holds each one's MI lower bound (None
         for one left out).
+
+        Args:
+            model: the model that generated the responses (it scores them, without gradients).
+            prompts: per query, C ``Prompt``.
+            response_ids: per query, C 1-D int64 tensors of response ids.
+
+        Returns:
+            ``sami_loss``, ``mi_lower_bound``, ``row_accuracy``, ``column_accuracy`` (floats, NaN
+            when no query takes part), ``mi_queries`` and ``per_query_mi``.
+
+        Raises:
+            FloatingPointError, ValueError: as ``logprob_matrix``.
         """
         kept = [b for b, row in enumerate(response_ids) if all(len(ids) for ids in row)]
         if not kept:
@@ -514,7 +725,17 @@ class Evaluator:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> EvalResult:
-        """Generate, score and judge; write the outputs; return the summary."""
+        """Generate, score and judge; write the outputs; return the summary.
+
+        The base responds first, then each policy (loaded in turn unless given, one in
+        memory at a time); with ``win_rate`` the judge then compares each policy with the base.
+
+        Returns:
+            the ``EvalResult``; the files are in ``config.out``.
+
+        Raises:
+            as ``respond`` and ``Judge.logprobs``; FileNotFoundError for a policy that cannot be loaded.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         base = self.respond("base", 0, *self.base)
         evaluated = [base]
@@ -614,8 +835,14 @@ class Evaluator:
         write_plot(rows, self.out / "evaluation.png")
 
 
-def write_plot(rows: list, path: Path) -> None:
-    """Win rates (raw and length-controlled) and the MI lower bound per iteration, with 95% intervals."""
+def write_plot(rows: list[dict], path: Path) -> None:
+    """Win rates (raw and length-controlled) and the MI lower bound per iteration, with 95% intervals.
+
+    Args:
+        rows: the summary rows (``EvalResult.rows``); rows without a value or an interval
+            are left out of that plot.
+        path: the image file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -651,8 +878,15 @@ def write_plot(rows: list, path: Path) -> None:
     plt.close(figure)
 
 
-def format_table(rows: list) -> str:
-    """The summary as a text table: MI statistics for every model, win rates for the policies."""
+def format_table(rows: list[dict]) -> str:
+    """The summary as a text table: MI statistics for every model, win rates for the policies.
+
+    Args:
+        rows: the summary rows (``EvalResult.rows``).
+
+    Returns:
+        the table, one line per row under a header, columns padded with spaces.
+    """
 
     def interval(row, key, low, high):
         if row.get(key) is None or (isinstance(row[key], float) and math.isnan(row[key])):
@@ -678,8 +912,21 @@ def format_table(rows: list) -> str:
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
 
 
-def evaluate(config: EvalConfig | None = None, *, base=None, judge=None, policies=None, **options) -> EvalResult:
-    """``Evaluator(config or EvalConfig(**options), base=..., judge=..., policies=...).run()``."""
+def evaluate(config: EvalConfig | None = None, *, base: tuple | None = None, judge: tuple | None = None,
+             policies: list[tuple] | None = None, **options: object) -> EvalResult:
+    """``Evaluator(config or EvalConfig(**options), base=..., judge=..., policies=...).run()``.
+
+    Args:
+        config: the options; None: ``EvalConfig(**options)``.
+        base, judge, policies: as in ``Evaluator``.
+        **options: ``EvalConfig`` fields, when ``config`` is None.
+
+    Returns:
+        ``Evaluator.run``'s ``EvalResult``.
+
+    Raises:
+        ValueError: both ``config`` and ``options``; as ``EvalConfig`` and ``Evaluator``.
+    """
     if config is None:
         config = EvalConfig(**options)
     elif options:

@@ -166,6 +166,10 @@ class HFGenerator:
         config: a ``GenerationConfig``.
 
     EOS ids: ``model.generation_config.eos_token_id`` (an id or a list), else ``tokenizer.eos_token_id``.
+
+    Raises:
+        TypeError: ``config`` is not a ``GenerationConfig``.
+        ValueError: the tokenizer has neither a ``pad_token_id`` nor an EOS id to pad with.
     """
 
     def __init__(self, model, tokenizer, config: GenerationConfig):
@@ -181,7 +185,20 @@ class HFGenerator:
         self.model, self.tokenizer, self.config, self.pad_id = model, tokenizer, config, int(pad)
 
     def __call__(self, prompts: list[Prompt]) -> list[Generation]:
-        """One ``Generation`` per prompt, in order; ``[]`` for no prompts."""
+        """Generate a response to each prompt.
+
+        Args:
+            prompts: a list (or tuple) of ``Prompt``.
+
+        Returns:
+            one ``Generation`` per prompt, in order; ``[]`` for no prompts.
+
+        Raises:
+            TypeError: ``prompts`` is not a list or tuple, or an entry is not a ``Prompt``.
+            ValueError: a prompt's ids outside the model's vocabulary, or a prompt too long
+                for ``max_new_tokens`` more tokens within the model's
+                ``max_position_embeddings``.
+        """
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a list of Prompt, got {type(prompts).__name__}")
         self._check_prompts(prompts)
@@ -243,7 +260,15 @@ class HFGenerator:
         return [self.decode(tokens) for tokens in sequences[:, width:].tolist()]
 
     def decode(self, new_tokens: list[int]) -> Generation:
-        """The ``Generation`` of a row of generated token ids: text before the first EOS, cut before a stop string."""
+        """The ``Generation`` of a row of generated token ids: text before the first EOS, cut before a stop string.
+
+        Args:
+            new_tokens: the ids generated after the prompt.
+
+        Returns:
+            the text decoded without special tokens, ``finished`` when an EOS id or a stop
+            string ended it.
+        """
         eos_at = next((i for i, token in enumerate(new_tokens) if token in self.eos_ids), None)
         text = self.tokenizer.decode(new_tokens[:eos_at], skip_special_tokens=True)
         stop_at = _stop_position(text, self.config.stop_strings)
@@ -261,10 +286,18 @@ class _StopStrings:
         return torch.tensor([self.generator.decode(tokens).finished for tokens in rows], device=input_ids.device)
 
 
-def as_generation(item, name: str = "response") -> Generation:
+def as_generation(item: Generation | str, name: str = "response") -> Generation:
     """``item`` as a ``Generation``: a ``Generation`` as is, a ``str`` as ``Generation(item, finished=False)``.
 
-    Raises TypeError (naming ``name``) for anything else.
+    Args:
+        item: a ``Generation`` or a str.
+        name: what ``item`` is, named in the error.
+
+    Returns:
+        the ``Generation``.
+
+    Raises:
+        TypeError: ``item`` is anything else (naming ``name``).
     """
     if isinstance(item, Generation):
         return item
@@ -276,8 +309,16 @@ def as_generation(item, name: str = "response") -> Generation:
 def run_generator(generator: ResponseGenerator, prompts: list[Prompt]) -> list[Generation]:
     """Call ``generator`` on ``prompts``; check it gave one response per prompt and normalise them.
 
+    Args:
+        generator: a ``ResponseGenerator``.
+        prompts: the prompts to pass it.
+
     Returns:
-        one ``Generation`` per prompt, in order.
+        one ``Generation`` per prompt, in order (a str returned as ``Generation(text, finished=False)``).
+
+    Raises:
+        TypeError: ``generator`` returned no list or tuple, or an entry neither a ``Generation`` nor a str.
+        ValueError: ``generator`` returned another number of responses than prompts.
     """
     responses = generator(prompts)
     if not isinstance(responses, (list, tuple)):
@@ -292,8 +333,17 @@ def generate_in_batches(generator: ResponseGenerator, prompts: list[Prompt], bat
     """``run_generator`` on ``batch_size`` prompts per call (None: all in one call), advancing the
     tqdm ``bar`` (closed at the end) when one is given.
 
+    Args:
+        generator: a ``ResponseGenerator``.
+        prompts: the prompts, in order.
+        batch_size: prompts per ``generator`` call; None (default): all in one call.
+        bar: None (default) or a tqdm progress bar, advanced by the prompts of each call.
+
     Returns:
         one ``Generation`` per prompt, in order.
+
+    Raises:
+        TypeError, ValueError: as ``run_generator``.
     """
     size = batch_size or len(prompts)
     generations = []
@@ -313,9 +363,15 @@ def drop_reason(responses: list[str]) -> str | None:
     responses make two columns of the SAMI matrix equal, so neither can be told
     apart. Strings are compared exactly as given: pass the texts that are scored.
 
+    Args:
+        responses: one query's response texts.
+
     Returns:
         ``"response j is empty"``, ``"responses i and j are identical"`` (the first such case,
         indices from 0), or None.
+
+    Raises:
+        TypeError: ``responses`` is not a list or tuple, or holds a non-str before any empty response.
     """
     if not isinstance(responses, (list, tuple)):
         raise TypeError(f"responses must be a list of str, got {type(responses).__name__}")

@@ -9,10 +9,11 @@ micro-batch of (prompt, response) pairs, whatever C*R is.
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 
-from sami_fast.backend import check_backend
+from sami_fast.backend import Backend, check_backend
 from sami_fast.distributed import all_ranks_agree, gradient_norm
 from sami_fast.prefix import PairScorer, sami_backward
 from sami_fast.validation import check_positive, check_positive_int
@@ -76,17 +77,36 @@ def _check_template(tokenizer, template):
     return template
 
 
-def encode_prompts(tokenizer, constitutions, queries, *, template=None):
-    """``prompts[b][k]`` (1-D LongTensor): constitution k + query b, ending where the assistant's answer starts.
+def encode_prompts(tokenizer, constitutions: Sequence[Sequence[str]], queries: Sequence[str], *,
+                   template: str | None = None) -> list[list[torch.Tensor]]:
+    """Token ids of the SAMI prompts: constitution k + query b, ending where the assistant's answer starts.
 
-    ``constitutions``: B lists of C strings; ``queries``: B strings.
-    ``template``: ``None`` picks ``"chat"`` when the tokenizer has a chat
-    template, else ``PLAIN_TEMPLATE``. ``"chat"``: the constitution is the system
-    message, the query the user message, with the generation prompt; the rendered
-    text is tokenized with ``add_special_tokens=False`` (the template writes BOS
-    itself where the model wants one). Any other string is a format template with
-    ``{constitution}`` and ``{query}`` fields, tokenized with the special tokens
-    the tokenizer adds (its BOS, if any).
+    Args:
+        tokenizer: a Hugging Face tokenizer (called on the rendered text; its
+            ``apply_chat_template`` for ``"chat"``).
+        constitutions: B lists (or tuples) of C non-empty strings, the same C for every
+            query: ``constitutions[b]`` are query b's.
+        queries: B non-empty strings.
+        template: ``None`` (default) picks ``"chat"`` when the tokenizer has a chat
+            template, else ``PLAIN_TEMPLATE``. ``"chat"``: the constitution is the system
+            message, the query the user message, with the generation prompt; the rendered
+            text is tokenized with ``add_special_tokens=False`` (the template writes BOS
+            itself where the model wants one). Any other string is a format template with
+            ``{constitution}`` and ``{query}`` fields, tokenized with the special tokens
+            the tokenizer adds (its BOS, if any).
+
+    Returns:
+        ``prompts``: B lists of C 1-D LongTensors, ``prompts[b][k]`` the ids of
+        constitution k + query b.
+
+    Raises:
+        ValueError: ``queries`` or a ``constitutions[b]`` not a non-empty list or tuple;
+            ``constitutions`` without one list per query, or a ``constitutions[b]`` of
+            another length than ``constitutions[0]``; an empty (or whitespace-only) string;
+            a ``template`` that is neither None, ``"chat"`` nor a format string with both
+            fields, or ``"chat"`` for a tokenizer without a chat template; a prompt that
+            tokenizes to no tokens.
+        TypeError: an entry of ``queries`` or of a ``constitutions[b]`` that is not a str.
     """
     B = _check_strings("queries", queries)
     _check_groups("constitutions", constitutions, B)
@@ -101,22 +121,39 @@ def encode_prompts(tokenizer, constitutions, queries, *, template=None):
     return prompts
 
 
-def encode_sami_batch(tokenizer, constitutions, queries, responses, *, template=None, append_eos=False):
+def encode_sami_batch(tokenizer, constitutions: Sequence[Sequence[str]], queries: Sequence[str],
+                      responses: Sequence[Sequence[str]], *, template: str | None = None,
+                      append_eos: bool = False) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Token ids for a SAMI batch: ``(prompts, responses_ids)`` as ``logprob_matrix`` takes them.
 
-    ``constitutions``: B lists of C strings; ``queries``: B strings;
-    ``responses``: B lists of R strings (R == C for training; ``responses[b][j]``
-    was generated under ``constitutions[b][j]``). ``prompts`` is
-    ``encode_prompts(tokenizer, constitutions, queries, template=template)``;
-    ``responses_ids[b][j]`` (1-D LongTensor) = response j's ids.
-
     Responses are tokenized without special tokens, so SAMI scores exactly the
-    response's own tokens. ``append_eos=True`` appends ``tokenizer.eos_token_id``
-    (for responses known to be complete: the score then also rewards stopping
-    there); leave it off for responses cut at a token limit. Prompt ++ response
-    equals the tokenization of the concatenated text whenever the tokenizer does
-    not merge tokens across the boundary (for chat templates: a prefix of the
-    templated conversation with the response as the assistant message).
+    response's own tokens. Prompt ++ response equals the tokenization of the
+    concatenated text whenever the tokenizer does not merge tokens across the boundary
+    (for chat templates: a prefix of the templated conversation with the response as
+    the assistant message).
+
+    Args:
+        tokenizer, constitutions, queries, template: as in ``encode_prompts`` (B queries,
+            C constitutions each).
+        responses: B lists (or tuples) of R non-empty strings, the same R for every query
+            (R == C for training; ``responses[b][j]`` was generated under
+            ``constitutions[b][j]``).
+        append_eos: True appends ``tokenizer.eos_token_id`` to every response (for
+            responses known to be complete: the score then also rewards stopping there);
+            leave it off (the default) for responses cut at a token limit.
+
+    Returns:
+        ``(prompts, responses_ids)``: ``prompts`` is
+        ``encode_prompts(tokenizer, constitutions, queries, template=template)``;
+        ``responses_ids`` is B lists of R 1-D LongTensors, ``responses_ids[b][j]`` =
+        response j's ids (then EOS with ``append_eos``).
+
+    Raises:
+        ValueError: as ``encode_prompts``; ``responses`` without one list per query, a
+            ``responses[b]`` not a non-empty list or tuple or of another length than
+            ``responses[0]``, an empty (or whitespace-only) response, or one that tokenizes
+            to no tokens; ``append_eos=True`` with a tokenizer that has no ``eos_token_id``.
+        TypeError: as ``encode_prompts``; a response that is not a str.
     """
     prompts = encode_prompts(tokenizer, constitutions, queries, template=template)
     _check_groups("responses", responses, len(queries))
@@ -144,6 +181,16 @@ class MasterWeights:
     (build it over ``master.parameters()``); ``SAMITrainer`` moves the model's
     gradients onto them before the update and rounds the result back into the
     model after it.
+
+    Args:
+        model: the module whose parameters with ``requires_grad`` get fp32 copies.
+
+    Attributes:
+        model_parameters: the model's trainable parameters, in ``model.parameters()`` order.
+        master: their fp32 copies (detached clones that require grad), in the same order.
+
+    Raises:
+        ValueError: no parameter of ``model`` requires grad.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -152,26 +199,41 @@ class MasterWeights:
             raise ValueError("MasterWeights: the model has no trainable parameter")
         self.master = [p.detach().float().clone().requires_grad_() for p in self.model_parameters]
 
-    def parameters(self) -> list:
+    def parameters(self) -> list[torch.Tensor]:
+        """The fp32 master copies (the list itself, not a copy): what the optimizer steps."""
         return self.master
 
     def gradients_to_master(self) -> None:
+        """Set each master copy's ``.grad`` to its model parameter's gradient in fp32 (None where it has none)."""
         for master, param in zip(self.master, self.model_parameters):
             master.grad = None if param.grad is None else param.grad.float()
 
     def master_to_model(self) -> None:
+        """Copy the master copies into the model's parameters, rounded to their dtype (outside autograd)."""
         with torch.no_grad():
             for master, param in zip(self.master, self.model_parameters):
                 param.copy_(master)
 
     def zero_grad(self) -> None:
+        """Drop the master copies' gradients (``.grad = None``)."""
         for master in self.master:
             master.grad = None
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, list[torch.Tensor]]:
+        """``{"master": [...]}``: detached clones of the master copies, in order."""
         return {"master": [m.detach().clone() for m in self.master]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, list[torch.Tensor]]) -> None:
+        """Copy ``state["master"]`` (``state_dict``'s format) into the master copies, in place.
+
+        Args:
+            state: ``{"master": tensors}``, one tensor per master copy, in order.
+
+        Raises:
+            KeyError: ``state`` has no ``"master"``.
+            ValueError: ``state["master"]`` holds another number of tensors than there are copies.
+            RuntimeError: a saved tensor whose shape does not broadcast to its copy's (``copy_``).
+        """
         with torch.no_grad():
             for master, saved in zip(self.master, state["master"], strict=True):
                 master.copy_(saved)
@@ -188,35 +250,52 @@ def _check_optional_positive(name: str, value) -> None:
 class SAMITrainer:
     """SAMI optimiser steps: gradient-cached backward, a finiteness check, optional clipping, update.
 
-    ``micro_batch_size``: (prompt, response) pairs per chunk of ``sami_backward``
-    (bounds peak memory). ``max_grad_norm``: clip the global gradient norm to it.
-    ``master_weights``: a ``MasterWeights`` of the model when the optimizer steps
-    fp32 master copies. ``reduction``: mean or summed response log-probs.
+    ``step`` is one update on one batch; ``accumulate`` then ``apply`` is the same
+    over several batches (gradient accumulation: ``accumulate`` adds each batch's
+    gradient with ``weight``, its share of the step's queries).
 
     A step whose loss or gradient norm is not finite (e.g. a too-large learning
     rate) is skipped with a warning: the weights and the optimizer state are left
     exactly as they were, and the result says ``skipped``. The model's
     train/eval mode is left to the caller.
 
-    ``step`` is one update on one batch; ``accumulate`` then ``apply`` is the same
-    over several batches (gradient accumulation: ``accumulate`` adds each batch's
-    gradient with ``weight``, its share of the step's queries).
+    With a ``scorer`` in ``DistributedDataParallel`` or the FSDP2 root, every rank calls
+    ``accumulate``/``apply`` in step: only the last ``accumulate`` of an optimiser step
+    passes ``sync_gradients=True``; the gradients the ranks reduce are averaged, so
+    weight each rank's batches by world size x their share of the step's queries;
+    whether a step is skipped is decided by all ranks together. Under FSDP2 the ranks
+    must also make the same calls with the same number of chunks (``min_chunks`` pads;
+    ``sami_fast.distributed.Parallel.lockstep``).
 
-    ``scorer``: the module the model's forwards run through (``sami_fast.distributed``):
-    a ``PairScorer`` of ``model`` in ``DistributedDataParallel``, or the FSDP2 root
-    (then ``model``'s parameters are shards and the optimizer steps them). With one,
-    every rank calls ``accumulate``/``apply`` in step: only the last ``accumulate`` of
-    an optimiser step passes ``sync_gradients=True``; the gradients the ranks reduce
-    are averaged, so weight each rank's batches by world size x their share of the
-    step's queries; whether a step is skipped is decided by all ranks together.
-    Under FSDP2 the ranks must also make the same calls with the same number of
-    chunks (``min_chunks`` pads; ``sami_fast.distributed.Parallel.lockstep``).
+    Args:
+        model: the causal LM being trained (a ``torch.nn.Module``).
+        optimizer: a ``torch.optim.Optimizer`` over the model's trainable parameters, or
+            over ``master_weights.parameters()``.
+        micro_batch_size: (prompt, response) pairs per chunk of ``sami_backward``
+            (bounds peak memory); a positive int.
+        max_grad_norm: None (default: no clipping) or a positive finite number: clip the
+            global gradient norm to it.
+        master_weights: None (default), or a ``MasterWeights`` of the model when the
+            optimizer steps fp32 master copies.
+        reduction: ``"mean"`` (default) or ``"sum"``: mean or summed response log-probs
+            (checked by ``sami_backward``, on the first ``accumulate``).
+        scorer: None (default: forwards run on ``model``), or the module the model's
+            forwards run through (``sami_fast.distributed``): a ``PairScorer`` of
+            ``model``, possibly in ``DistributedDataParallel``, or the FSDP2 root (then
+            ``model``'s parameters are shards and the optimizer steps them).
+        backend: of the fused LM head and the loss, as in ``sami_fast.sequence_logprobs``.
 
-    ``backend``: of the fused LM head and the loss, as in ``sami_fast.sequence_logprobs``.
+    Raises:
+        TypeError: ``model`` not a ``torch.nn.Module``, ``optimizer`` not a
+            ``torch.optim.Optimizer``, ``master_weights`` neither None nor a ``MasterWeights``.
+        ValueError: a bad ``micro_batch_size``, ``max_grad_norm`` or ``backend``; a
+            ``scorer`` that is not a ``PairScorer`` of ``model`` (possibly in
+            ``DistributedDataParallel`` or sharded).
     """
 
-    def __init__(self, model, optimizer, *, micro_batch_size, max_grad_norm=None, master_weights=None,
-                 reduction="mean", scorer=None, backend=None):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch_size: int,
+                 max_grad_norm: float | None = None, master_weights: MasterWeights | None = None,
+                 reduction: str = "mean", scorer: torch.nn.Module | None = None, backend: Backend | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -241,10 +320,29 @@ class SAMITrainer:
         self.reduction = reduction
         self._losses = []
 
-    def accumulate(self, prompts, responses, mask=None, *, weight=1.0, sync_gradients=True, min_chunks=None) -> dict:
+    def accumulate(self, prompts: list[list[torch.Tensor]], responses: list[list[torch.Tensor]],
+                   mask: torch.Tensor | None = None, *, weight: float = 1.0, sync_gradients: bool = True,
+                   min_chunks: int | None = None) -> dict[str, float]:
         """Add ``weight`` times this batch's SAMI gradient to ``.grad``; returns its (unweighted) loss and stats.
 
-        ``sync_gradients``, ``min_chunks``: as in ``sami_backward`` (for a distributed ``scorer``).
+        The loss is kept for the finiteness check of the next ``apply``.
+
+        Args:
+            prompts: B lists of C 1-D int64 tensors, as ``sami_backward`` takes them
+                (e.g. from ``encode_sami_batch``).
+            responses: B lists of C 1-D int64 tensors (R == C).
+            mask: None or (B, C, C) bool, as in ``sami_loss``.
+            weight: the gradient added is that of ``weight * loss`` (default 1.0; with
+                accumulation, the batch's share of the step's queries).
+            sync_gradients, min_chunks: as in ``sami_backward`` (for a distributed ``scorer``).
+
+        Returns:
+            floats: ``loss`` (unweighted) and ``sami_loss``'s stats (``mi_lower_bound``,
+            ``row_accuracy``, ``column_accuracy``).
+
+        Raises:
+            TypeError, ValueError, FloatingPointError: as ``sami_backward`` (e.g. C != R, a
+                bad ``reduction``, ``weight``, ``mask`` or ``min_chunks``, a NaN/inf score).
         """
         loss, stats = sami_backward(
             self.scorer or self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask,
@@ -261,8 +359,21 @@ class SAMITrainer:
             return [p for p in self.master_weights.parameters() if p.grad is not None]
         return [p for p in self.model.parameters() if p.grad is not None]
 
-    def apply(self) -> dict:
-        """The update from the accumulated gradients: ``grad_norm`` (before clipping) and ``skipped``."""
+    def apply(self) -> dict[str, float | bool]:
+        """The update from the gradients accumulated since the last ``apply``; then drops them.
+
+        With master weights the gradients move onto the fp32 copies first, and the
+        updated copies are rounded back into the model afterwards. When a loss of this
+        step's ``accumulate`` calls or the gradient norm is not finite, the update is
+        skipped: the weights and the optimizer state are left as they were.
+
+        Returns:
+            ``grad_norm`` (float: the global norm before clipping; 0.0 when no parameter
+            has a gradient) and ``skipped`` (bool).
+
+        Warns:
+            RuntimeWarning: the step was skipped.
+        """
         stepped = self._stepped_parameters()
         losses_finite = all(bool(torch.isfinite(loss)) for loss in self._losses)
         if self._distributed:
@@ -291,12 +402,25 @@ class SAMITrainer:
         if self.master_weights is not None:
             self.master_weights.zero_grad()
 
-    def step(self, prompts, responses, mask=None) -> dict:
+    def step(self, prompts: list[list[torch.Tensor]], responses: list[list[torch.Tensor]],
+             mask: torch.Tensor | None = None) -> dict[str, float | bool]:
         """One update on a batch (as ``sami_backward`` takes it); returns floats from before the update.
 
-        ``loss``, ``mi_lower_bound`` (log C - loss, averaged over queries),
-        ``row_accuracy``, ``column_accuracy``, ``grad_norm`` (the norm before
-        clipping) and ``skipped`` (True when the step was not applied).
+        Gradients left in ``.grad`` by anything else are dropped first.
+
+        Args:
+            prompts, responses, mask: as in ``accumulate``.
+
+        Returns:
+            ``loss``, ``mi_lower_bound`` (log C - loss, averaged over queries),
+            ``row_accuracy``, ``column_accuracy``, ``grad_norm`` (the norm before
+            clipping), all floats, and ``skipped`` (True when the step was not applied).
+
+        Raises:
+            TypeError, ValueError, FloatingPointError: as ``accumulate``.
+
+        Warns:
+            RuntimeWarning: the step was skipped (see ``apply``).
         """
         # Gradients left by anything else would be added to this batch's: start from none.
         self._zero_grad()

@@ -27,6 +27,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,13 +56,36 @@ class ConfigFile:
     """``from_file`` / ``from_dict`` for an options dataclass (``TrainConfig``, ``EvalConfig``)."""
 
     @classmethod
-    def from_file(cls, path, **overrides) -> ConfigFile:
-        """A config from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error naming them."""
+    def from_file(cls, path: str | os.PathLike, **overrides: object) -> ConfigFile:
+        """A config from a YAML (``.yaml``/``.yml``) or JSON file; unknown keys are an error naming them.
+
+        Args:
+            path: the file (``read_file``).
+            **overrides: options that replace the file's.
+
+        Returns:
+            an instance of the class it is called on.
+
+        Raises:
+            FileNotFoundError, ValueError: as ``read_file`` and ``from_dict`` (``where`` is ``path``).
+        """
         return cls.from_dict({**cls.read_file(path), **overrides}, where=str(path))
 
     @staticmethod
-    def read_file(path) -> dict:
-        """The option mapping a YAML or JSON config file holds."""
+    def read_file(path: str | os.PathLike) -> dict:
+        """The option mapping a YAML or JSON config file holds.
+
+        Args:
+            path: a ``.yaml``/``.yml`` file (read as YAML; an empty one holds no option) or any
+                other file (read as JSON).
+
+        Returns:
+            the mapping of option names to values, unchecked.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            ValueError: not valid YAML/JSON (the parser's message says where), or not a mapping.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config: no file at {path}")
@@ -82,6 +106,19 @@ class ConfigFile:
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "config") -> ConfigFile:
+        """A config from a mapping of option names to values.
+
+        Args:
+            values: option name -> value; options left out keep their defaults.
+            where: where ``values`` came from, named in the unknown-option error.
+
+        Returns:
+            an instance of the class it is called on.
+
+        Raises:
+            ValueError: an unknown option (naming them all, after ``where``), or a bad value
+                (the class's own checks, naming the option).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -110,11 +147,68 @@ class ConfigFile:
 class TrainConfig(ConfigFile):
     """Everything a SAMI run needs; ``TrainConfig.from_file`` reads it from YAML or JSON.
 
-    Data: ``queries`` (JSONL ``{"query": ...}`` or text, one per line) and
-    ``principles`` (principle file, ready constitution list, or the reference
-    code's directory of positive/negative pairs); both default to the embedded
-    example data. ``train_data``: the reference code's pre-generated training
-    JSON instead (no generation; one iteration).
+    Every option is checked on construction.
+
+    Attributes:
+        model: the base model: a model directory, cached hub name or ``.gguf`` file; None
+            (default): SmolLM2-135M-Instruct.
+        out: the output directory (default ``"sami-out"``; see ``Trainer``).
+        queries: the training queries: JSONL ``{"query": ...}`` or text, one per line;
+            None (default): the embedded example data.
+        principles: a principle file, ready constitution list, or the reference code's
+            directory of positive/negative pairs; None (default): the embedded example data.
+        train_data: the reference code's pre-generated training JSON instead (no
+            generation; one iteration: ``iterations`` must be 1); default None.
+        max_queries: the first N queries only; None (default): all of them (embedded data:
+            the first ``EMBEDDED_TRAINING_QUERIES``).
+        num_constitutions: C, constitutions per query, at least 2 (default 4).
+        principles_per_constitution: principles drawn per constitution from a principle
+            file (ready constitutions are used as they are); None: the whole pool; default 2.
+        template: None (default): the tokenizer's chat template if it has one, else a plain
+            template (``sami_fast.trainer.PLAIN_TEMPLATE``); ``"chat"``; or a format string
+            with ``{constitution}`` and ``{query}`` (as in ``encode_prompts``).
+        max_new_tokens: the most tokens a generated response may have (default 32).
+        do_sample: sample (the default) or decode greedily: greedy decoding often writes the
+            same response under different constitutions, and a query whose responses repeat
+            cannot train (it is dropped).
+        temperature: the sampling temperature, > 0 (default 0.7).
+        top_p: the nucleus sampling mass, in (0, 1] (default 0.9).
+        stop_strings: a response ends before the first of these it contains (non-empty
+            strings; default none).
+        generation_batch_size: prompts per generate call; None (default): all in one call.
+        score_reduction: ``"mean"`` (default, the reference code's) or ``"sum"`` of the
+            response-token log-probs.
+        score_eos: score a finished response with its EOS token (default False; the
+            reference code never does).
+        iterations: N, the SAMI iterations (default 2).
+        steps_per_iteration: optimiser steps per iteration; None (default): one pass over
+            the iteration's examples.
+        batch_size: queries per micro-step (default 2).
+        gradient_accumulation_steps: micro-steps per optimiser step (default 1).
+        micro_batch_size: (prompt, response) pairs per gradient-caching chunk (default 16).
+        optimizer: ``"adamw"`` (default), ``"rmsprop"`` or ``"sgd"`` (``build_optimizer``).
+        lr: the learning rate, > 0; the default 1e-4 suits the default run (SmolLM2-135M, a
+            dozen steps); larger models want 1e-6..1e-5.
+        weight_decay: >= 0 (default 0.0).
+        lr_schedule: ``"constant"`` (default), ``"linear"`` or ``"cosine"`` (``build_schedule``).
+        warmup_steps: linear warm-up steps, a non-negative int (default 0).
+        max_grad_norm: clip the global gradient norm to this (> 0); None: no clipping;
+            default 1.0.
+        dtype: the weights' dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"``.
+        master_weights: an fp32 master copy for low-precision weights (``MasterWeights``);
+            None (default): on unless ``dtype`` is float32.
+        seed: an int (default 0); seeds constitutions, generation, batches and dropout.
+        distributed: ``"auto"`` (default): ddp when torchrun started more than one process,
+            else none; ``"none"``: one process; ``"ddp"``: data parallel; ``"fsdp"``:
+            FSDP2-sharded. batch_size x gradient_accumulation_steps queries per optimiser
+            step in total, whatever the number of processes (each takes its share).
+        save_steps: a checkpoint every N optimiser steps (and always at an iteration's end);
+            None (default): only at an iteration's end.
+        save_total_limit: checkpoints kept (default 2).
+        quiet: no progress bars or printed reports (default False).
+
+    Raises:
+        ValueError: a bad option value, naming the option.
     """
 
     model: str | None = None  # model directory, cached hub name, .gguf file; None: SmolLM2-135M-Instruct
@@ -205,13 +299,24 @@ class TrainConfig(ConfigFile):
 
     @property
     def uses_master_weights(self) -> bool:
+        """Whether the optimizer steps fp32 master copies: ``master_weights``, or when None, dtype not float32."""
         return self.dtype != "float32" if self.master_weights is None else self.master_weights
 
 
 @dataclass
 class Example:
     """One training query: its C prompts (prompt k under constitution k) and C responses
-    (response j under constitution j)."""
+    (response j under constitution j).
+
+    Attributes:
+        example_id: the query's id (its index among the queries, or the pre-generated data's key).
+        query: the query text; None for pre-generated data (its prompts are already rendered).
+        constitutions: the C constitution texts (empty for pre-generated data).
+        prompts: C ``Prompt`` (text and ids).
+        responses: C response texts.
+        finished: C bools: ended by EOS or a stop string.
+        fields: the query's other fields in a JSONL query file (default empty).
+    """
 
     example_id: str
     query: str | None
@@ -222,9 +327,23 @@ class Example:
     fields: dict = field(default_factory=dict)
 
 
-def constitution_sampler(config, source=None) -> sami_data.ConstitutionSampler:
-    """The sampler of ``config``'s constitutions (``principles``, ``num_constitutions``,
-    ``principles_per_constitution``, ``seed``); ``source``: a ``ConstitutionSource`` already read instead."""
+def constitution_sampler(config: ConfigFile,
+                         source: sami_data.ConstitutionSource | None = None) -> sami_data.ConstitutionSampler:
+    """The sampler of ``config``'s constitutions.
+
+    Args:
+        config: a ``TrainConfig`` or ``EvalConfig``: its ``principles`` (None: the embedded
+            principle file), ``num_constitutions``, ``principles_per_constitution`` (applied
+            to principle files only; ready constitutions are used as they are) and ``seed``.
+        source: a ``ConstitutionSource`` already read, used instead of ``config.principles``.
+
+    Returns:
+        a ``sami_fast.data.ConstitutionSampler``.
+
+    Raises:
+        sami_fast.data.DataError: a bad principles file, or ``num_constitutions`` /
+            ``principles_per_constitution`` the source cannot satisfy.
+    """
     if source is None:
         source = sami_data.load_constitution_source(config.principles or sami_data.embedded_principles_path())
     # principles_per_constitution applies to principle files; ready constitutions are used as they are.
@@ -233,15 +352,41 @@ def constitution_sampler(config, source=None) -> sami_data.ConstitutionSampler:
                                          principles_per_constitution=per_constitution, seed=config.seed)
 
 
-def build_prompt(tokenizer, constitution: str, query: str, template) -> Prompt:
-    """The generation prompt of ``query`` under ``constitution`` (``template``: "chat" or a format string)."""
+def build_prompt(tokenizer, constitution: str, query: str, template: str) -> Prompt:
+    """The generation prompt of ``query`` under ``constitution``, as ``encode_prompts`` renders it.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        constitution: the constitution text.
+        query: the query text.
+        template: ``"chat"`` or a format string with ``{constitution}`` and ``{query}`` (not
+            None: the effective template, as ``Trainer.template``).
+
+    Returns:
+        a ``Prompt``: the rendered text and its token ids.
+
+    Raises:
+        ValueError: the text tokenizes to no tokens.
+        KeyError: a format ``template`` with a named field other than those two.
+    """
     text, add_special_tokens = _prompt_text(tokenizer, constitution, query, template)
     ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
     return Prompt(text=text, ids=torch.tensor(ids, dtype=torch.long))
 
 
-def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
-    """AdamW, RMSprop (the reference code's; torch's has no bias correction) or SGD over ``parameters``."""
+def build_optimizer(config: TrainConfig, parameters: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """AdamW, RMSprop (the reference code's; torch's has no bias correction) or SGD over ``parameters``.
+
+    Args:
+        config: its ``optimizer``, ``lr`` and ``weight_decay``.
+        parameters: the tensors to step (the model's trainable parameters or fp32 master copies).
+
+    Returns:
+        the optimizer, torch's defaults for every other setting.
+
+    Raises:
+        ValueError: ``parameters`` is empty (torch's check).
+    """
     parameters = list(parameters)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -250,9 +395,24 @@ def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_schedule(config: TrainConfig, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_schedule(config: TrainConfig, optimizer: torch.optim.Optimizer,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_steps``, then constant, linear decay to 0, or cosine decay to 0
-    at ``total_steps``."""
+    at ``total_steps``.
+
+    Step s (0-based) scales the learning rate by ``(s + 1) / (warmup_steps + 1)`` during the
+    warm-up; after it, by 1 (``"constant"``), ``1 - progress`` (``"linear"``) or
+    ``(1 + cos(pi * progress)) / 2`` (``"cosine"``), where ``progress`` rises from 0 at the
+    warm-up's end to 1 at ``total_steps`` (and stays 1 after).
+
+    Args:
+        config: its ``warmup_steps`` and ``lr_schedule``.
+        optimizer: the optimizer whose learning rate the schedule scales.
+        total_steps: the optimiser steps of the run (of one iteration, in ``Trainer``).
+
+    Returns:
+        a ``LambdaLR``; step it once per applied optimiser step.
+    """
     warmup, kind = config.warmup_steps, config.lr_schedule
 
     def factor(step: int) -> float:
@@ -322,12 +482,27 @@ class Trainer:
       weights, RNG states, iteration and step, written atomically; ``resume=True``
       continues from the latest one, bit-identically to an uninterrupted run.
 
-    ``model``/``tokenizer``: an already loaded base model (else ``config.model`` is
-    loaded). ``make_generator(model, tokenizer, config)``: the response generator
-    for the current policy (default ``HFGenerator``): the seam for another engine.
+    Args:
+        config: the run's options.
+        model, tokenizer: an already loaded base model and its tokenizer, both or neither
+            (default: ``config.model`` is loaded); moved to the run's device and
+            ``config.dtype``.
+        make_generator: ``make_generator(model, tokenizer, config)`` -> the response
+            generator for the current policy (default ``HFGenerator`` with the config's
+            generation options): the seam for another engine.
+        resume: continue from the latest checkpoint in ``config.out`` (default False).
+
+    Raises:
+        TypeError: ``config`` is not a ``TrainConfig``.
+        ValueError: only one of ``model`` and ``tokenizer``; a ``distributed`` mode the
+            launch does not allow, or fewer queries per optimiser step than processes; a
+            bad ``template`` for the tokenizer; no query to train on;
+            ``sami_fast.data.DataError`` for a bad queries or principles file.
+        FileNotFoundError: ``config.model`` names no model that can be loaded.
     """
 
-    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, make_generator=None, resume=False):
+    def __init__(self, config: TrainConfig, *, model: torch.nn.Module | None = None, tokenizer=None,
+                 make_generator: Callable | None = None, resume: bool = False):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if (model is None) != (tokenizer is None):
@@ -386,8 +561,29 @@ class Trainer:
                 f"exceeds the model's {limit} positions"
             )
 
-    def generate_examples(self, iteration: int) -> tuple:
-        """(examples, dropped): C prompts per query and the current policy's response under each."""
+    def generate_examples(self, iteration: int) -> tuple[list[Example], list[tuple[Example, str]]]:
+        """(examples, dropped): C prompts per query and the current policy's response under each.
+
+        Each query gets C constitutions from the sampler; the generator (``make_generator``
+        on the current model) writes response j under constitution j, with torch's RNG
+        seeded from ``config.seed`` and ``iteration``. With several processes each
+        generates for its share of the queries and every one gets all the generations.
+        Not for a ``train_data`` run (there are no queries).
+
+        Args:
+            iteration: the iteration (from 1) the examples are for.
+
+        Returns:
+            ``(examples, dropped)``: the ``Example`` of each query that can train, and
+            ``(example, reason)`` for each that cannot (``drop_reason``: an empty response,
+            or two identical ones).
+
+        Raises:
+            ValueError: a prompt that tokenizes to no tokens; a prompt whose tokens plus
+                ``max_new_tokens`` exceed the model's positions (naming the query's file and line).
+            TypeError, ValueError: a generator that does not return one ``Generation`` or
+                str per prompt (``run_generator``).
+        """
         C = self.config.num_constitutions
         plans = []
         for index, query in enumerate(self.queries):
@@ -422,7 +618,20 @@ class Trainer:
         """A prompt already rendered (the reference code's training data): tokenized with the tokenizer's own BOS."""
         return Prompt(text=text, ids=torch.tensor(self.tokenizer(text).input_ids, dtype=torch.long))
 
-    def pregenerated_examples(self) -> tuple:
+    def pregenerated_examples(self) -> tuple[list[Example], list[tuple[Example, str]]]:
+        """The examples of ``config.train_data`` (the reference code's pre-generated training format).
+
+        The prompts are the data's rendered texts, tokenized with the tokenizer's own BOS;
+        no response counts as finished.
+
+        Returns:
+            ``(examples, dropped)``: an ``Example`` (``query`` None, no constitutions) per
+            usable example, and ``(example, reason)`` per example ``load_training_data``
+            left out, the example holding only its ``example_id``.
+
+        Raises:
+            sami_fast.data.DataError: a bad training data file (as ``load_training_data``).
+        """
         loaded, skipped = sami_data.load_training_data(self.config.train_data)
         examples = [Example(example_id=item.example_id, query=None, constitutions=[],
                             prompts=[self._raw_prompt(text) for text in item.prompts],
@@ -564,7 +773,27 @@ class Trainer:
         return {**totals, **applied, "tokens_per_s": tokens / seconds, "queries": len(chosen), "seconds": seconds}
 
     def train(self) -> Path:
-        """Run every iteration; returns the directory of the last policy."""
+        """Run every iteration; returns the directory of the last policy.
+
+        On the main process, a fresh run (no checkpoint resumed) removes ``metrics.jsonl``
+        and ``metrics.csv`` from ``config.out`` and writes the run's options to
+        ``train_config.json`` (``TRAIN_CONFIG_FILE``). With ``resume`` the run continues
+        from the latest checkpoint; without one it starts from the beginning, with a warning.
+
+        Returns:
+            ``config.out / "policy"``: a copy of the last iteration's policy (every process
+            returns once the outputs exist).
+
+        Raises:
+            ValueError: ``resume`` from a checkpoint written with other options (all but
+                ``out``, ``quiet``, ``save_steps``, ``save_total_limit`` and ``distributed``
+                must match), naming them; as ``generate_examples`` and
+                ``pregenerated_examples``.
+            RuntimeError: an iteration where every query was dropped (nothing to train on).
+
+        Warns:
+            UserWarning: ``resume`` but no checkpoint in ``config.out / "checkpoints"``.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint = self._latest_checkpoint() if self.resume else None
         if checkpoint is not None:
