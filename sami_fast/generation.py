@@ -340,12 +340,12 @@ def generate_in_batches(generator: ResponseGenerator, prompts: list[Prompt], bat
         bar: None (default) or a tqdm progress bar, advanced by the prompts of each call.
 
     Returns:
-        one ``Generation`` per prompt, in order.
+        one ``Generation`` per prompt, in order (none for no prompts).
 
     Raises:
         TypeError, ValueError: as ``run_generator``.
     """
-    size = batch_size or len(prompts)
+    size = batch_size or max(1, len(prompts))  # no prompts: no call
     generations = []
     for start in range(0, len(prompts), size):
         generations += run_generator(generator, prompts[start : start + size])

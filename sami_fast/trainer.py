@@ -284,18 +284,22 @@ class SAMITrainer:
             ``model``, possibly in ``DistributedDataParallel``, or the FSDP2 root (then
             ``model``'s parameters are shards and the optimizer steps them).
         backend: of the fused LM head and the loss, as in ``sami_fast.sequence_logprobs``.
+        logits_budget: bytes of LM-head logits each chunk may keep for its backward
+            instead of recomputing them (torch backend), as in ``sami_backward``; 0
+            (default) keeps none.
 
     Raises:
         TypeError: ``model`` not a ``torch.nn.Module``, ``optimizer`` not a
             ``torch.optim.Optimizer``, ``master_weights`` neither None nor a ``MasterWeights``.
-        ValueError: a bad ``micro_batch_size``, ``max_grad_norm`` or ``backend``; a
+        ValueError: a bad ``micro_batch_size``, ``max_grad_norm``, ``backend`` or ``logits_budget``; a
             ``scorer`` that is not a ``PairScorer`` of ``model`` (possibly in
             ``DistributedDataParallel`` or sharded).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, micro_batch_size: int,
                  max_grad_norm: float | None = None, master_weights: MasterWeights | None = None,
-                 reduction: str = "mean", scorer: torch.nn.Module | None = None, backend: Backend | None = None):
+                 reduction: str = "mean", scorer: torch.nn.Module | None = None, backend: Backend | None = None,
+                 logits_budget: int = 0):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -303,7 +307,9 @@ class SAMITrainer:
         check_positive_int("micro_batch_size", micro_batch_size, meaning="pairs per chunk")
         _check_optional_positive("max_grad_norm", max_grad_norm)
         check_backend(backend)
+        check_positive_int("logits_budget", logits_budget, allow_zero=True, meaning="bytes")
         self.backend = backend
+        self.logits_budget = logits_budget
         if master_weights is not None and not isinstance(master_weights, MasterWeights):
             raise TypeError(f"master_weights must be None or a MasterWeights, got {type(master_weights).__name__}")
         inner = scorer.module if isinstance(scorer, torch.nn.parallel.DistributedDataParallel) else scorer
@@ -347,7 +353,7 @@ class SAMITrainer:
         loss, stats = sami_backward(
             self.scorer or self.model, prompts, responses, micro_batch_size=self.micro_batch_size, mask=mask,
             reduction=self.reduction, loss_weight=weight, sync_gradients=sync_gradients, min_chunks=min_chunks,
-            backend=self.backend,
+            backend=self.backend, logits_budget=self.logits_budget,
         )
         self._losses.append(loss)
         return {"loss": float(loss), **{name: float(value) for name, value in stats.items()}}

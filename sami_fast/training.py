@@ -127,8 +127,8 @@ class ConfigFile:
 
     # Checks for __post_init__; each error names the option.
 
-    def _positive_int(self, name, allow_none=False):
-        check_positive_int(name, getattr(self, name), allow_none=allow_none)
+    def _positive_int(self, name, allow_none=False, allow_zero=False):
+        check_positive_int(name, getattr(self, name), allow_none=allow_none, allow_zero=allow_zero)
 
     def _number(self, name, low, allow_none=False, inclusive=False):
         value = getattr(self, name)
@@ -186,6 +186,9 @@ class TrainConfig(ConfigFile):
         batch_size: queries per micro-step (default 2).
         gradient_accumulation_steps: micro-steps per optimiser step (default 1).
         micro_batch_size: (prompt, response) pairs per gradient-caching chunk (default 16).
+        logits_budget_mb: MiB of LM-head logits each chunk may keep for its backward instead
+            of recomputing them (the PyTorch path, e.g. on CPU; ``SAMITrainer``'s
+            ``logits_budget``); 0 (default) keeps none.
         optimizer: ``"adamw"`` (default), ``"rmsprop"`` or ``"sgd"`` (``build_optimizer``).
         lr: the learning rate, > 0; the default 1e-4 suits the default run (SmolLM2-135M, a
             dozen steps); larger models want 1e-6..1e-5.
@@ -239,6 +242,7 @@ class TrainConfig(ConfigFile):
     batch_size: int = 2  # queries per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimiser step
     micro_batch_size: int = 16  # (prompt, response) pairs per gradient-caching chunk
+    logits_budget_mb: int = 0  # MiB of LM-head logits a chunk may keep for its backward (no recompute)
     optimizer: str = "adamw"
     lr: float = 1e-4  # suits the default run (SmolLM2-135M, a dozen steps); larger models want 1e-6..1e-5
     weight_decay: float = 0.0
@@ -265,6 +269,7 @@ class TrainConfig(ConfigFile):
         for name in ("max_queries", "principles_per_constitution", "generation_batch_size", "steps_per_iteration",
                      "save_steps"):
             positive_int(name, allow_none=True)
+        positive_int("logits_budget_mb", allow_zero=True)
         if self.num_constitutions < 2:
             raise ValueError(
                 f"num_constitutions must be at least 2 (SAMI contrasts constitutions), got {self.num_constitutions}")
@@ -843,7 +848,8 @@ class Trainer:
         schedule = build_schedule(config, optimizer, total_steps)
         trainer = SAMITrainer(self.model, optimizer, micro_batch_size=config.micro_batch_size,
                               max_grad_norm=config.max_grad_norm, master_weights=master,
-                              reduction=config.score_reduction, scorer=self.scorer)
+                              reduction=config.score_reduction, scorer=self.scorer,
+                              logits_budget=config.logits_budget_mb * 2**20)
         first_step = 0
         torch.manual_seed(_phase_seed(config.seed, iteration, 1))
         if checkpoint is not None:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from oracle import K_DEFAULT, ulp_floor
 from sami_fast.generation import (Generation, GenerationConfig, HFGenerator, Prompt, as_generation, drop_reason,
-                                  run_generator)
+                                  generate_in_batches, run_generator)
 from tiny_lm import bpe_tokenizer, tiny_causal_lm
 
 TOKENIZER = bpe_tokenizer()
@@ -121,6 +121,20 @@ def test_batch_size_splits_the_calls_with_the_same_responses(monkeypatch):
 def test_no_prompts_no_generate_call(monkeypatch):
     monkeypatch.setattr(LLAMA, "generate", lambda **kwargs: pytest.fail("generate called for no prompts"))
     assert HFGenerator(LLAMA, TOKENIZER, GenerationConfig())([]) == []
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_generate_in_batches_calls_per_batch_and_none_for_no_prompts(batch_size):
+    calls = []
+
+    def echo(prompts):
+        calls.append(len(prompts))
+        return [f"r{len(calls)}"] * len(prompts)
+
+    assert generate_in_batches(echo, [], batch_size) == [] and calls == []
+    generations = generate_in_batches(echo, prompts_of(["a", "b", "c"]), batch_size)
+    assert calls == ([3] if batch_size is None else [2, 1])
+    assert [g.text for g in generations] == (["r1"] * 3 if batch_size is None else ["r1", "r1", "r2"])
 
 
 def test_sampling_is_reproducible_under_a_seed():

@@ -52,9 +52,10 @@ def assert_parameters_oracle_close(model, plain_model, truth_model):
         assert_oracle_close(got, plain, truth, k=K_MODEL_GRADS, what=name)
 
 
-@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+@pytest.mark.parametrize("max_grad_norm, logits_budget", [(None, 0), (0.05, 0), (None, 2**24)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_step_equals_manual_backward_and_sgd_step(max_grad_norm, masked):
+def test_step_equals_manual_backward_and_sgd_step(max_grad_norm, logits_budget, masked):
+    """logits_budget: the chunks' LM heads keep their logits for the backward."""
     torch.manual_seed(3)
     model = tiny_llama()
     plain_model, truth_model = copy.deepcopy(model), fp64_twin(model)
@@ -66,7 +67,7 @@ def test_step_equals_manual_backward_and_sgd_step(max_grad_norm, masked):
 
     before = [p.detach().clone() for p in model.parameters()]
     trainer = SAMITrainer(model, torch.optim.SGD(model.parameters(), lr=0.5),
-                          micro_batch_size=4, max_grad_norm=max_grad_norm)
+                          micro_batch_size=4, max_grad_norm=max_grad_norm, logits_budget=logits_budget)
     result = trainer.step(prompts, responses, mask)
 
     plain_matrix, plain_grads, plain_norm = manual_sgd_step(plain_model, prompts, responses, mask, lr=0.5,
@@ -126,6 +127,9 @@ def test_trainer_rejects_bad_arguments():
     for bad in (0, -1.0, math.inf, math.nan, "1"):
         with pytest.raises(ValueError, match="max_grad_norm"):
             SAMITrainer(model, optimizer, micro_batch_size=2, max_grad_norm=bad)
+    for bad in (-1, 0.5, None):
+        with pytest.raises(ValueError, match="logits_budget"):
+            SAMITrainer(model, optimizer, micro_batch_size=2, logits_budget=bad)
     prompts, responses = random_problem(torch.Generator().manual_seed(0), 1, 2, 3)
     with pytest.raises(ValueError, match="C == R"):
         SAMITrainer(model, optimizer, micro_batch_size=2).step(prompts, responses)

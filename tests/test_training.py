@@ -403,6 +403,7 @@ def test_cli_reports_bad_options(tmp_path, capsys):
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"train_data": "x.json", "iterations": 2}, "iterations must be 1"),
     ({"stop_strings": [""]}, "stop_strings"),
+    ({"logits_budget_mb": -1}, "logits_budget_mb must be a non-negative int"),
 ])
 def test_config_rejects_bad_values(options, match):
     with pytest.raises(ValueError, match=match):
