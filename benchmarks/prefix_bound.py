@@ -11,6 +11,7 @@ Steps (each: matrix + SAMI loss + backward, gradients from zero):
 * ``sami_backward``: ``sami_backward(..., micro_batch_size=16)``;
 * ``logprob_matrix_held``, ``sami_backward_held``: the same with a ``logits_budget`` (1 GiB)
   that keeps the LM-head logits for the backward instead of recomputing them;
+  ``sami_backward_mb8``: 8 pairs per chunk (less memory);
 * ``original``: all C*R ``prompt ++ response`` sequences with full logits
   (``benchmarks.suites.step``); skipped where it would not fit in memory.
 
@@ -97,6 +98,7 @@ STEPS = {"bound": _bound_step, "logprob_matrix": _fast_step,
          "sami_backward": functools.partial(_gradcache_step, micro_batch_size=MICRO_BATCH_SIZE),
          "sami_backward_held": functools.partial(_gradcache_step, micro_batch_size=MICRO_BATCH_SIZE,
                                                  logits_budget=2**30),
+         "sami_backward_mb8": functools.partial(_gradcache_step, micro_batch_size=8),
          "original": _original_step}
 
 
@@ -147,8 +149,11 @@ def peak_in_this_process(name: str, C: int) -> dict:
 def peak(name: str, C: int) -> dict:
     """One step of ``name`` at C = R = ``C`` in a fresh subprocess: its memory (MB) and time."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.prefix_bound", "--threads", str(torch.get_num_threads()),
-                          "--peak-of", name, str(C)], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+                          "--peak-of", name, str(C)], capture_output=True, text=True)
+    if out.returncode:  # e.g. killed for memory: a row saying so, not the end of the run
+        result = {"skipped": f"the subprocess failed (exit status {out.returncode}): {out.stderr.strip()[-200:]}"}
+    else:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"peak: {name} C=R={C}: {result}", file=sys.stderr, flush=True)
     return result
 
