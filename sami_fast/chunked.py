@@ -131,7 +131,7 @@ def linear_logprobs_backward(rows, weight, targets, lse, grad_out, bias=None, so
     needed) for the per-row upstream gradient ``grad_out`` (N,), given the forward's ``lse``.
 
     ``chunk_rows``: as in ``linear_logprobs_forward``. ``held``: the buffer the forward
-    filled, or None (recompute the logits); it is overwritten.
+    filled, or None (recompute the logits); it is only read.
     """
     return _gradients(rows, weight, bias, targets, lse, grad_out, softcap, temperature, chunk_rows,
                       (need_rows, need_weight, None, need_bias), held)
@@ -261,8 +261,8 @@ class _Head:
         z = self.z[: shape[0] * shape[1]].view(shape).copy_(held[start:end, first:last])
         if self.softcap is None:
             return z, None
-        # z = softcap · tanh / temperature gives back the tanh (to an ulp of the forward's)
-        return z, torch.mul(z, self.temperature / self.softcap, out=self.tanh[: z.numel()].view(shape))
+        # z = tanh · (softcap / temperature) gives back the tanh, ±1 exactly where it saturated
+        return z, torch.div(z, self.softcap / self.temperature, out=self.tanh[: z.numel()].view(shape))
 
     def in_weight_dtype(self, du):
         """``du`` in the weight dtype, for the matmul with W."""

@@ -196,7 +196,9 @@ def logprob_matrix(model, prompts: list, responses: list, *, pad_token_id: int |
         self_check: self-check an unverified architecture on first use.
         backend: of the fused LM head, as in ``sequence_logprobs``.
         logits_budget: bytes of LM-head logits a chunk may keep for its backward instead of
-            recomputing them (torch backend), as in ``sequence_logprobs``; 0 keeps none.
+            recomputing them (torch backend), as in ``sequence_logprobs``; 0 keeps none. Each
+            chunk keeps its own until the backward: up to chunks x budget in all (checkpointed
+            chunks drop theirs and recompute them with the chunk).
 
     Returns:
         (B, C, R) in fp32 (fp64 for an fp64 model), differentiable w.r.t. every parameter.

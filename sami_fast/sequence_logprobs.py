@@ -91,11 +91,11 @@ class _TorchLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, scored, targets, softcap, temperature, options):
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored)
         ctx.chunk_rows = options.get("chunk_rows")
-        # Used once: a second backward (retain_graph) recomputes.
-        ctx.held = chunked.held_logits(rows.shape[0], weight, options.get("logits_budget", 0))
+        held = chunked.held_logits(rows.shape[0], weight, options.get("logits_budget", 0))
         logp, lse = chunked.linear_logprobs_forward(rows, weight, targets, bias, softcap, temperature, ctx.chunk_rows,
-                                                    ctx.held)
-        ctx.save_for_backward(rows, weight, bias, scored, targets, lse)
+                                                    held)
+        # Saved like the rest, so activation checkpointing drops and recomputes it too.
+        ctx.save_for_backward(rows, weight, bias, scored, targets, lse, held)
         ctx.logit_transform = (softcap, temperature)
         ctx.hidden_shape = hidden.shape
         return logp
@@ -104,10 +104,9 @@ class _TorchLinearLogprobs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     @chunked.autocast_off
     def backward(ctx, grad_logp):
-        rows, weight, bias, scored, targets, lse = ctx.saved_tensors
+        rows, weight, bias, scored, targets, lse, held = ctx.saved_tensors
         softcap, temperature = ctx.logit_transform
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        held, ctx.held = ctx.held, None
         d_rows, d_weight, d_bias = chunked.linear_logprobs_backward(
             rows, weight, targets, lse, grad_logp, bias, softcap, temperature, need_hidden, need_weight, need_bias,
             ctx.chunk_rows, held,
@@ -265,9 +264,9 @@ def sequence_logprobs(
             still sync).
         backend: None (``SAMI_FAST_BACKEND``, default "auto"), "auto", "triton" or "torch";
             fp64 runs the torch path on every backend (the kernels' dots are fp32 at best).
-        logits_budget: bytes of fp32 logits (scored rows x V x 4) the torch backend may keep
-            from the forward for the backward, which then does not recompute them (a quarter
-            fewer flops); 0 keeps none. The Triton kernels always recompute.
+        logits_budget: bytes of logits (scored rows x V x 4, x 8 for fp64) the torch backend
+            may keep from the forward for the backward, which then does not recompute them (a
+            quarter fewer flops); 0 keeps none. The Triton kernels always recompute.
 
     Returns:
         fp32 for fp32, bf16 and fp16 inputs (fp32 accumulation), fp64 for fp64; shape as
