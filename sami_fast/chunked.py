@@ -42,10 +42,10 @@ from sami_fast.kernels.linear_logprobs import D_WEIGHT_CHUNK_ELEMENTS
 from sami_fast.validation import check_positive_int
 
 # Logits per tile (rows x vocabulary block): 16 MiB of fp32. Measured on a 2-core AMD EPYC (MKL
-# sgemm, 2 threads), SmolLM2's head over 4096 rows: tiles of 2048 rows x 2048 columns ran the
-# fp32 head's forward+backward in 8-9.5 s against 10.8-13 s for 341 rows x the whole vocabulary
-# (64 MiB), whose (rows x D) @ (D x V) forward product ran at ~75 GFLOP/s against 100-130 for
-# square-ish blocks; they also keep ~50 MB less.
+# sgemm, 2 threads), SmolLM2's head over 4096 rows (benchmarks/results/head_bar_cpu_amd_epyc.md):
+# tiles of 2048 rows x 2048 columns ran the fp32 head's forward+backward in 9.56 s against 11.13 s
+# for 341 rows x the whole vocabulary (64 MiB), whose (rows x D) @ (D x V) forward product ran at
+# ~75 GFLOP/s against 100-130 for square-ish blocks; they also keep 53 MB less.
 TILE_ELEMENTS = 2**22
 # Columns of a tile's vocabulary block, None: the whole vocabulary (the tests vary it).
 VOCAB_BLOCK = 2048

@@ -40,6 +40,39 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def head_tiles(monkeypatch):
+    """A list gaining one entry per tile of logits the torch LM-head path computes with W
+    (``sami_fast.chunked._Head.logits``): a backward that reads held logits adds none."""
+    from sami_fast import chunked
+
+    tiles = []
+    compute = chunked._Head.logits
+
+    def counted(head, *args):
+        tiles.append(args[1:])  # (first, last) vocabulary columns
+        return compute(head, *args)
+
+    monkeypatch.setattr(chunked._Head, "logits", counted)
+    return tiles
+
+
+@pytest.fixture
+def held_buffers(monkeypatch):
+    """The result of every ``sami_fast.chunked.held_logits`` call (a buffer, or None), in order."""
+    from sami_fast import chunked
+
+    kept = []
+    allocate = chunked.held_logits
+
+    def recorded(*args):
+        kept.append(allocate(*args))
+        return kept[-1]
+
+    monkeypatch.setattr(chunked, "held_logits", recorded)
+    return kept
+
+
 class AllocationLog:
     """Tensors made through torch's factories while recording: (dtype, shape) of each, and the
     peak of the bytes alive at once (a tensor's bytes are counted off when it is freed)."""

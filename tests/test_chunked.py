@@ -278,46 +278,31 @@ def test_chunked_backward_holds_one_chunk_of_logits_at_a_time(monkeypatch, alloc
     assert logits_buffers + accumulators <= log.peak_bytes < 2 * logits_buffers + accumulators
 
 
-class _LogitCounter:
-    """Counts the tiles of logits the torch path computes with W (``_Head.logits``)."""
-
-    def __init__(self, monkeypatch):
-        self.tiles = 0
-        compute = chunked._Head.logits
-
-        def counted(head, *args):
-            self.tiles += 1
-            return compute(head, *args)
-
-        monkeypatch.setattr(chunked._Head, "logits", counted)
-
-
 @pytest.mark.parametrize("softcap, temperature", [(None, 1.0), (None, 0.6), (3.0, 1.4)])
 @pytest.mark.parametrize("vocab_block", [None, 96])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_held_logits_skip_the_recompute_and_match_fp64(softcap, temperature, vocab_block, dtype, monkeypatch):
+def test_held_logits_skip_the_recompute_and_match_fp64(softcap, temperature, vocab_block, dtype, monkeypatch,
+                                                       head_tiles):
     """A budget that holds the scored rows' logits: the backward computes no tile with W, and
     values and gradients obey the oracle rule (softcap: the tanh comes back from the held z)."""
     monkeypatch.setattr(chunked, "VOCAB_BLOCK", vocab_block)
     case = make_case(37, 123, 1001, scale=4.0, seed=3)
-    counter = _LogitCounter(monkeypatch)
     budget = 37 * 1001 * 4  # fp32 logits, whatever the head's dtype
     assert_matches_reference(case, dtype=dtype, softcap=softcap, temperature=temperature, chunk_rows=7,
                              logits_budget=budget)
     forward_tiles = -(-(case[3] != IGNORE).sum().item() // 7) * -(-1001 // (vocab_block or 1001))
-    assert counter.tiles == forward_tiles  # the forward's tiles only
+    assert len(head_tiles) == forward_tiles  # the forward's tiles only
 
 
-def test_logits_over_the_budget_are_recomputed(monkeypatch):
+def test_logits_over_the_budget_are_recomputed(head_tiles):
     rows, weight, bias, targets, grad = make_case(20, 16, 300, ignored=0.0)
-    counter = _LogitCounter(monkeypatch)
     leaves = [t.float().requires_grad_() for t in (rows, weight, bias)]
     out = ours(leaves[0], leaves[1], targets, bias=leaves[2], logits_budget=20 * 300 * 4 - 1)
     out.backward(grad.float())
-    assert counter.tiles == 2  # one tile forward, one recomputed
+    assert len(head_tiles) == 2  # one tile forward, one recomputed
 
 
-def test_a_second_backward_reads_the_held_logits_again(monkeypatch):
+def test_a_second_backward_reads_the_held_logits_again(head_tiles):
     """retain_graph: both backwards read the held logits (which the first leaves intact) and
     obey the oracle rule."""
     case = in_dtype(make_case(23, 16, 200, seed=5), torch.float32)
@@ -325,30 +310,26 @@ def test_a_second_backward_reads_the_held_logits_again(monkeypatch):
     truth = value_and_grads(reference, *case, torch.float64)[1:]
     plain = value_and_grads(reference, *case, torch.float32)[1:]
     floors = linear_head_floors(rows, weight, bias, grad, None, 1.0, torch.float32)
-    counter = _LogitCounter(monkeypatch)
     leaves = [t.float().requires_grad_() for t in (rows, weight, bias)]
     out = ours(leaves[0], leaves[1], targets, bias=leaves[2], logits_budget=2**20)
     for retain in (True, False):
         grads = torch.autograd.grad(out, leaves, grad.float(), retain_graph=retain)
-        assert counter.tiles == 1  # the forward's tile only
+        assert len(head_tiles) == 1  # the forward's tile only
         for name, a, p, t in zip(("d_rows", "d_weight", "d_bias"), grads, plain, truth):
             assert_oracle_close(a.double(), p, t, tiny=floors[name], dtype=torch.float32, what=name)
 
 
-def test_sequence_logprobs_holds_logits_only_for_a_backward(monkeypatch):
+def test_sequence_logprobs_holds_logits_only_for_a_backward(held_buffers):
     """Public path: no buffer without a graph (no_grad, frozen inputs); the budget is checked."""
-    kept = []
-    allocate = chunked.held_logits
-    monkeypatch.setattr(chunked, "held_logits", lambda *args: kept.append(allocate(*args)) or kept[-1])
     hidden = torch.randn(2, 9, 8)
     weight = torch.randn(50, 8)
     labels = torch.randint(0, 50, (2, 9))
     with torch.no_grad():
         sequence_logprobs(hidden, weight.requires_grad_(), labels, backend="torch", logits_budget=2**20)
     sequence_logprobs(hidden, weight.detach(), labels, backend="torch", logits_budget=2**20)
-    assert kept == [None, None]
+    assert held_buffers == [None, None]
     out = sequence_logprobs(hidden, weight, labels, backend="torch", logits_budget=2**20)
-    assert kept[-1] is not None and kept[-1].shape == (16, 50)
+    assert held_buffers[-1] is not None and held_buffers[-1].shape == (16, 50)
     out.sum().backward()
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="logits_budget"):

@@ -391,11 +391,9 @@ def test_matrix_and_grads_on_both_backends(backend):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_held_head_logits_keep_the_gradients_exact(arch, checkpointing, monkeypatch):
+def test_held_head_logits_keep_the_gradients_exact(arch, checkpointing, head_tiles):
     """logits_budget: the backward reads the LM head's logits the forward kept (no tile is
     recomputed with W) and the parameter gradients still obey the oracle rule."""
-    from sami_fast import chunked
-
     model = tiny_gemma2() if arch == "gemma2" else tiny_llama()
     twin = fp64_twin(model)
     prompts, responses = random_problem(torch.Generator().manual_seed(10), B=1, C=2, R=2)
@@ -407,16 +405,14 @@ def test_held_head_logits_keep_the_gradients_exact(arch, checkpointing, monkeypa
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    tiles = []
-    compute = chunked._Head.logits
-    monkeypatch.setattr(chunked._Head, "logits", lambda head, *args: tiles.append(1) or compute(head, *args))
+    head_tiles.clear()  # count the scoring's tiles only
     got = parameter_grads(model, lambda: (logprob_matrix(model, prompts, responses, micro_batch_size=3,
                                                          logits_budget=2**24, backend="torch") * weights).sum())
     assert_grads_oracle_close(got, plain, truth, k=K_MODEL_GRADS)
     forward_tiles = 2 * (1 + checkpointing)  # one per chunk of 3 and 1 pairs, again in the recomputation
-    assert len(tiles) == forward_tiles
-    tiles.clear()
+    assert len(head_tiles) == forward_tiles
+    head_tiles.clear()
     got = grads_after(model, lambda: sami_backward(model, prompts, responses, micro_batch_size=3,
                                                    logits_budget=2**24, backend="torch"))
     assert_grads_oracle_close(got, sami_plain, sami_truth, k=K_MODEL_GRADS)
-    assert len(tiles) == 4  # two chunks without a graph, two with; none recomputed
+    assert len(head_tiles) == 4  # two chunks without a graph, two with; none recomputed

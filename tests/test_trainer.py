@@ -54,13 +54,8 @@ def assert_parameters_oracle_close(model, plain_model, truth_model):
 
 @pytest.mark.parametrize("max_grad_norm, logits_budget", [(None, 0), (0.05, 0), (None, 2**24)])
 @pytest.mark.parametrize("masked", [False, True])
-def test_step_equals_manual_backward_and_sgd_step(max_grad_norm, logits_budget, masked, monkeypatch):
+def test_step_equals_manual_backward_and_sgd_step(max_grad_norm, logits_budget, masked, held_buffers):
     """logits_budget: the chunks' LM heads keep their logits for the backward."""
-    from sami_fast import chunked
-
-    kept = []
-    allocate = chunked.held_logits
-    monkeypatch.setattr(chunked, "held_logits", lambda *args: kept.append(allocate(*args)) or kept[-1])
     torch.manual_seed(3)
     model = tiny_llama()
     plain_model, truth_model = copy.deepcopy(model), fp64_twin(model)
@@ -74,7 +69,7 @@ def test_step_equals_manual_backward_and_sgd_step(max_grad_norm, logits_budget, 
     trainer = SAMITrainer(model, torch.optim.SGD(model.parameters(), lr=0.5),
                           micro_batch_size=4, max_grad_norm=max_grad_norm, logits_budget=logits_budget)
     result = trainer.step(prompts, responses, mask)
-    assert any(buffer is not None for buffer in kept) == (logits_budget > 0)
+    assert any(buffer is not None for buffer in held_buffers) == (logits_budget > 0)
 
     plain_matrix, plain_grads, plain_norm = manual_sgd_step(plain_model, prompts, responses, mask, lr=0.5,
                                                             max_grad_norm=max_grad_norm)
