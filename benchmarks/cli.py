@@ -15,7 +15,8 @@ SIZES = {
     "full": "the real shapes (CPU, an hour or more on 2 cores: SmolLM2's head D=576, V=49152 over 1024 and "
             "4096 rows = 8x512 at 20%% and 100%% scored, logits 4x1025x49152, the loss up to B=64, C=64, "
             "the real SmolLM2-135M's SAMI step at "
-            "C=R in {2, 4, 8}; CUDA: bf16 D=4096, V=128256 over 4096 and 16384 rows, Llama-3-8B's architecture)",
+            "C=R in {2, 4, 8}; CUDA: bf16 D=4096, V=128256 over 4096 and 16384 rows, Llama-3-8B's architecture "
+            "with random weights for the SAMI step at C=R in {2, 8}, prompts 512, responses 128 tokens)",
 }
 
 

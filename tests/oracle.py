@@ -30,6 +30,7 @@ parameter gradients of a loss of it, ``assert_stats_oracle_close`` to a SAMI los
 """
 
 import copy
+import itertools
 import math
 
 import torch
@@ -168,16 +169,17 @@ def full_sequence_matrix(model, prompts, responses) -> torch.Tensor:
     The plain computation ``logprob_matrix`` replaces, in the model's dtype.
     """
     B, C, R = len(prompts), len(prompts[0]), len(responses[0])
-    scores = []
-    for b in range(B):
-        for k in range(C):
-            for j in range(R):
-                sequence = torch.cat([prompts[b][k], responses[b][j]])
-                logprobs = model(sequence[None]).logits[0].log_softmax(-1)
-                start = len(prompts[b][k]) - 1  # the last prompt position predicts the first response token
-                predicted = logprobs[start : len(sequence) - 1]
-                scores.append(predicted.gather(1, responses[b][j][:, None]).mean())
+    scores = [_full_sequence_score(model, prompts[b][k], responses[b][j])
+              for b in range(B) for k in range(C) for j in range(R)]
     return torch.stack(scores).reshape(B, C, R)
+
+
+def _full_sequence_score(model, prompt, response) -> torch.Tensor:
+    """Mean log-prob of ``response``'s tokens after ``prompt``, from the whole sequence's logits."""
+    sequence = torch.cat([prompt, response])
+    logprobs = model(sequence[None]).logits[0].log_softmax(-1)
+    start = len(prompt) - 1  # the last prompt position predicts the first response token
+    return logprobs[start : len(sequence) - 1].gather(1, response[:, None]).mean()
 
 
 def grads_after(model, step, names=None) -> dict:
@@ -230,6 +232,24 @@ def full_sequence_grads(model, loss_of_matrix, prompts, responses, names=None) -
         return loss_of_matrix(matrices[-1])
 
     return parameter_grads(model, loss, names), matrices[-1].detach()
+
+
+def streamed_full_sequence_grads(model, loss_of_matrix, prompts, responses, names=None) -> tuple:
+    """``full_sequence_grads``' result holding one sequence's graph at a time: the matrix without
+    a graph, the loss's gradient with respect to it, then each sequence's forward and backward
+    with its score's gradient (the chain rule term by term; one forward more). For models and
+    sizes whose C*R graphs do not fit together (Llama-3-8B in float64 on one GPU).
+    """
+    with torch.no_grad():
+        matrix = full_sequence_matrix(model, prompts, responses)
+    scores = matrix.clone().requires_grad_(True)
+    (d_matrix,) = torch.autograd.grad(loss_of_matrix(scores), scores)
+
+    def step():
+        for (b, k, j), d_score in zip(itertools.product(*map(range, matrix.shape)), d_matrix.flatten()):
+            _full_sequence_score(model, prompts[b][k], responses[b][j]).backward(d_score)
+
+    return grads_after(model, step, names), matrix
 
 
 def assert_model_grads_oracle_close(ours: dict, model, loss_of_matrix, prompts, responses, *, twin=None,

@@ -13,7 +13,7 @@ import sami_fast.hf
 import sami_fast.prefix
 from oracle import (K_MODEL_GRADS, assert_grads_oracle_close, assert_matrix_oracle_close,
                     assert_model_grads_oracle_close, assert_stats_oracle_close, fp64_twin, full_sequence_grads,
-                    grads_after, oracle_excess, parameter_grads)
+                    grads_after, oracle_excess, parameter_grads, streamed_full_sequence_grads)
 from sami_fast import logprob_matrix, reference, sami_backward
 
 VOCAB = 1000
@@ -230,6 +230,24 @@ def test_sami_backward_matches_full_backward(arch, micro_batch_size):
     assert_grads_oracle_close(got, plain, truth, k=K_MODEL_GRADS)
     assert not result["loss"].requires_grad
     assert_stats_oracle_close(result["loss"], result["stats"], plain_matrix, truth_matrix, mask)
+
+
+def test_streamed_full_sequence_grads_equal_one_backward():
+    # The benchmarks' float64 truth for models too large for C*R graphs at once: the same gradients.
+    model = tiny_llama()
+    twin = fp64_twin(model)
+    prompts, responses = random_problem(torch.Generator().manual_seed(14), B=2, C=3, R=3)
+    mask = torch.ones(2, 3, 3, dtype=torch.bool)
+    mask[0, 1, 2] = False
+
+    def loss(m):
+        return reference.sami_loss(m, mask)
+
+    streamed, streamed_matrix = streamed_full_sequence_grads(model, loss, prompts, responses)
+    plain, plain_matrix = full_sequence_grads(model, loss, prompts, responses)
+    truth, truth_matrix = full_sequence_grads(twin, loss, prompts, responses)
+    assert_grads_oracle_close(streamed, plain, truth, k=K_MODEL_GRADS)
+    assert torch.equal(streamed_matrix, plain_matrix)
 
 
 def test_sami_backward_accumulates_into_existing_grads():

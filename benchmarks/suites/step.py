@@ -14,6 +14,8 @@ Sizes: on CPU "full" is the real SmolLM2-135M-Instruct (fp32), prompts ~256 and
 responses ~48 tokens, C = R in {2, 4, 8} (and 16 for the gradient cache);
 "quick" keeps SmolLM2's widths and vocabulary but 2 random-weight layers,
 prompts ~128 and responses ~24 tokens, C = R in {2, 4}: quick enough for CPU ("quick").
+On CUDA "full" is C = R in {2, 8}, prompts ~512 and responses ~128 tokens (the
+original-style step at C = R = 8 is a row saying how much memory it would need).
 No other library implements this step, so the suite has no peer. The gate checks the
 loss and the gradients of the final norm, the last layer's MLP output projection and the
 (tied) embedding against the float64 twin of the model running the plain full-sequence
@@ -37,6 +39,8 @@ SIZES = {
     "quick": ((2, 4), (4,), 128, 24, 1),
     "full": ((2, 4, 8), (4, 16), 256, 48, 1),
 }
+# On CUDA, in place of SIZES: Llama-3-8B at SAMI's shapes.
+CUDA_SIZES = {"full": ((2, 8), (8,), 512, 128, 1)}
 
 
 # Llama-3-8B's architecture; GPU runs use it with random weights (no download there).
@@ -166,7 +170,7 @@ def _checked_parameters(model) -> list[str]:
 def _candidate(name, role, step, size, device, C, backend=None, unavailable=None):
     def setup():
         model = _model(size, device)
-        prompts, responses = _data(*_problem(size, C), model.config.vocab_size, device)
+        prompts, responses = _data(*_problem(size, device, C), model.config.vocab_size, device)
         run_step = step(model, prompts, responses)
         parameters = dict(model.named_parameters())
         checked = _checked_parameters(model)
@@ -182,26 +186,36 @@ def _candidate(name, role, step, size, device, C, backend=None, unavailable=None
     return Candidate(name, role, None if unavailable else setup, unavailable)
 
 
-def _problem(size, C):
-    _, _, prompt_length, response_length, B = SIZES[size]
+def _sizes(size: str, device: str) -> tuple:
+    """(Cs, gradient-cache Cs, prompt length, response length, B) of ``size`` on ``device``."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    return CUDA_SIZES.get(size, SIZES[size]) if device == "cuda" else SIZES[size]
+
+
+def _problem(size, device, C):
+    _, _, prompt_length, response_length, B = _sizes(size, device)
     return B, C, prompt_length, response_length
 
 
 def _reference(size, device, C):
     def compute():
-        from tests.oracle import fp64_twin, full_sequence_grads
+        from tests.oracle import fp64_twin, streamed_full_sequence_grads
 
         model = _model(size, device)
-        B, _, Lp, Lr = _problem(size, C)
-        # The plain computation keeps every sequence's fp64 logits and log-softmax for its backward.
-        estimate = 3 * B * C * C * (Lp + Lr) * model.config.vocab_size * 8
+        B, _, Lp, Lr = _problem(size, device, C)
+        # The float64 twin's weights, then one sequence at a time: its logits, log-softmax and their
+        # gradients, and (roughly) its activations, 16 hidden-sized values a token and layer.
+        config = model.config
+        estimate = 8 * (sum(p.numel() for p in model.parameters())
+                        + 4 * (Lp + Lr) * (config.vocab_size + 16 * config.num_hidden_layers * config.hidden_size))
         if estimate > available_memory_bytes(device):
             raise CaseSkipped(f"the float64 reference needs ~{estimate / 2**30:.0f} GiB")
-        prompts, responses = _data(B, C, Lp, Lr, model.config.vocab_size, device)
+        prompts, responses = _data(B, C, Lp, Lr, config.vocab_size, device)
         checked = _checked_parameters(model)
         out = []
         for twin in (fp64_twin(model), model):
-            grads, matrix = full_sequence_grads(twin, reference.sami_loss, prompts, responses, checked)
+            grads, matrix = streamed_full_sequence_grads(twin, reference.sami_loss, prompts, responses, checked)
             out.append((reference.sami_loss(matrix), *(grads[n] for n in checked)))
             twin.zero_grad(set_to_none=True)
         return out[0], out[1], (None,) * len(out[0])
@@ -210,13 +224,11 @@ def _reference(size, device, C):
 
 
 def cases(device: str, size: str) -> list[Case]:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
-    Cs, gradcache_Cs = SIZES[size][:2]
+    Cs, gradcache_Cs = _sizes(size, device)[:2]
     backends = sami_fast_backends(device)
     out = []
     for C in sorted(set(Cs) | set(gradcache_Cs)):
-        _, _, Lp, Lr = _problem(size, C)
+        _, _, Lp, Lr = _problem(size, device, C)
         ideal = C * C * (Lp + Lr) / (C * Lp + C * C * Lr)
         candidates = [_candidate("original", "original", _original_step, size, device, C)] if C in Cs else []
         for backend, reason in backends.items():
