@@ -182,18 +182,24 @@ def _gradients(rows, weight, bias, targets, lse, grad_out, softcap, temperature,
     vocab, dim = weight.shape
     n = rows.shape[0]
     block_rows, width = tile_shape(n, weight, chunk_rows)
+    if n == 0:  # nothing scored: no tile, every gradient is zero
+        return tuple(torch.zeros_like(t) if need else None
+                     for t, need in ((rows, need_rows), (weight, need_weight), (bias, need_bias)))
     in_place = weight.dtype == accumulate  # W's own gradient can hold the sums
-    d_rows = torch.zeros(rows.shape, **sums) if need_rows else None  # sum over v of (p - onehot)_v W_v
-    d_weight = (torch.zeros_like if in_place else torch.empty_like)(weight) if need_weight else None
+    # The first product into each sum overwrites it (beta = 0): no pass zeroing dx or dW first.
+    d_rows = torch.empty(rows.shape, **sums) if need_rows else None  # sum over v of (p - onehot)_v W_v
+    d_weight = torch.empty_like(weight) if need_weight else None
     block_sums = torch.empty((width, dim), **sums) if need_weight and not in_place else None
     scaled_rows = torch.empty((block_rows, dim), **sums) if need_weight else None
+    if need_weight and block_rows == n:  # one tile of rows: scale them once, not once per vocabulary block
+        torch.mul(rows, row_scale.unsqueeze(1), out=scaled_rows)
     d_bias = torch.zeros(vocab, **sums) if need_bias else None
     head = _Head(weight, bias, softcap, temperature, block_rows, width)
     for first in range(0, vocab, width):
         last = min(first + width, vocab)
         d_weight_block = None
         if need_weight:
-            d_weight_block = d_weight[first:last] if in_place else block_sums[: last - first].zero_()
+            d_weight_block = d_weight[first:last] if in_place else block_sums[: last - first]
         for start in range(0, n, block_rows):
             end = min(start + block_rows, n)
             if held is None:
@@ -205,12 +211,17 @@ def _gradients(rows, weight, bias, targets, lse, grad_out, softcap, temperature,
                 du.mul_(tanh.square_().neg_().add_(1.0))
             if need_rows:
                 if d_rows.dtype == weight.dtype:
-                    d_rows[start:end].addmm_(du, weight[first:last])
-                else:
+                    d_rows[start:end].addmm_(du, weight[first:last], beta=float(first > 0))
+                elif first:
                     d_rows[start:end].add_(torch.mm(head.in_weight_dtype(du), weight[first:last]))
+                else:
+                    d_rows[start:end].copy_(torch.mm(head.in_weight_dtype(du), weight[first:last]))
             if need_weight:
-                scaled = torch.mul(rows[start:end], row_scale[start:end].unsqueeze(1), out=scaled_rows[: end - start])
-                d_weight_block.addmm_(du.t(), scaled, alpha=-1.0)
+                scaled = scaled_rows
+                if block_rows < n:
+                    scaled = torch.mul(rows[start:end], row_scale[start:end].unsqueeze(1),
+                                       out=scaled_rows[: end - start])
+                d_weight_block.addmm_(du.t(), scaled, beta=float(start > 0), alpha=-1.0)
             if need_bias:
                 d_bias[first:last].addmv_(du.t(), row_scale[start:end], alpha=-1.0)
         if need_weight and not in_place:

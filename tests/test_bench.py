@@ -6,10 +6,12 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import cli as bench_cli
-from benchmarks import runner
+from benchmarks import head_floor, runner
 from benchmarks.suites import logprobs, loss, step
+from sami_fast import chunked
 from sami_fast.cli import main as sami_fast_main
 
 TINY_STEP_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -200,3 +202,41 @@ def test_gpu_check_imports_and_its_cpu_parts_run(capsys, monkeypatch):
                           {"status": "n/a", "kernel": "lm_head", "case": "rows=8", "candidate": "cce", "role": "peer"}])
     bars = capsys.readouterr().out
     assert "vs best peer liger 2.00 ms (OK)" in bars and "vs liger 4 MB (OVER)" in bars
+
+
+@pytest.mark.parametrize("recompute, products", [(True, 8), (False, 6)])
+def test_head_floor_runs_the_stated_products(recompute, products, monkeypatch):
+    # Several row tiles and vocabulary blocks, the last of each ragged.
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 7 * 16)
+    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 16)
+    rows, weight = torch.randn(23, 5), torch.randn(37, 5)
+    run = head_floor.matrix_products(rows, weight, recompute)
+    with _MatrixProductFlops() as counted:
+        run()
+    assert counted.flops == products * 23 * 5 * 37
+
+
+class _MatrixProductFlops(TorchDispatchMode):
+    """2·M·K·N for each mm and in-place addmm (FlopCounterMode skips the in-place one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        products = {torch.ops.aten.mm.default: args[:2], torch.ops.aten.mm.out: args[:2],
+                    torch.ops.aten.addmm_.default: args[1:3]}
+        if func in products:
+            a, b = products[func]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_head_floor_prints_a_row_per_share_and_row(capsys):
+    rows = ["products 8NDV", "sami_fast", "sami_fast held"]
+    assert head_floor.main(["--shape", "2", "9", "8", "40", "--rounds", "1", "--scored", "1.0", "0.5",
+                            "--rows", *rows]) == 0
+    printed = capsys.readouterr().out
+    for share in ("100%", "50%"):
+        for row in rows:
+            assert f"| {share} | {row} |" in printed
