@@ -20,8 +20,8 @@ package index, run ``bash benchmarks/fetch_peers.sh`` where pip can download and
    memory, a row for every peer or API missing here); rows are appended to --out case by
    case, then the tables and the GPU targets (time and memory against the best peer).
    The step suite is the SAMI step on Llama-3-8B's architecture (random weights, bf16) at
-   C = R in {2, 8}, prompts ~512 and responses ~128 tokens: ``logprob_matrix`` and
-   ``sami_backward`` beside the original-style step (at C = R = 8 a row with the memory it
+   C = R in {2, 8}, prompts ~512 and responses ~128 tokens: ``logprob_matrix`` (and at 8
+   ``sami_backward``) beside the original-style step (at C = R = 8 a row with the memory it
    would need); ``--suites step`` runs it alone.
 
 Every check and case runs on its own: a failure is printed and the rest go on.

@@ -9,7 +9,8 @@ dW: 2·N·D·V flops each. A method that keeps the N x V logits for the backward
 
 * ``products 8NDV``, ``products 6NDV``: those matrix products alone, on sami_fast's CPU
   tiles (``sami_fast.chunked.tile_shape``), with no softmax, gather or mask: a floor for
-  any exact method of that kind on this BLAS, not a candidate (its numbers are not log-probs);
+  an exact method of that kind on these tiles and this BLAS, not a candidate (its numbers
+  are not log-probs);
 * ``sami_fast``: ``sequence_logprobs`` (keeps no logits); ``sami_fast held``: with a
   ``logits_budget`` that keeps them;
 * ``cce[torch_compile]``: cut-cross-entropy's CPU implementation (keeps the logits),
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from benchmarks.suites.logprobs import IGNORE, cut_cross_entropy, head_inputs, torch_linear_cross_entropy
+from benchmarks.suites.logprobs import IGNORE, _shifted, cut_cross_entropy, head_inputs, torch_linear_cross_entropy
 from sami_fast.chunked import tile_shape
 from sami_fast.sequence_logprobs import sequence_logprobs
 
@@ -70,8 +71,8 @@ def candidates(hidden, weight, labels, upstream, names):
 
         return run
 
-    scored = (labels[:, 1:] != IGNORE).reshape(-1)
-    rows = hidden.detach()[:, :-1].reshape(-1, hidden.shape[-1])[scored].contiguous()
+    rows, targets = _shifted(hidden.detach(), labels)
+    rows = rows[targets != IGNORE].contiguous()
     budget = rows.shape[0] * weight.shape[0] * 4
     every = {
         "products 8NDV": lambda: matrix_products(rows, weight.detach(), recompute=True),

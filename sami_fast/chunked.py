@@ -174,24 +174,25 @@ def _picked_and_lse(rows, weight, targets, bias, softcap, temperature, chunk_row
 def _gradients(rows, weight, bias, targets, lse, grad_out, softcap, temperature, chunk_rows, needs, held=None):
     """(d_rows, d_weight, d_bias), each None where ``needs`` (rows, weight, _, bias) says so."""
     need_rows, need_weight, _, need_bias = needs
+    n = rows.shape[0]
+    if n == 0:  # nothing scored: no tile, every gradient is zero
+        return tuple(torch.zeros_like(t) if need else None
+                     for t, need in ((rows, need_rows), (weight, need_weight), (bias, need_bias)))
     accumulate = lse.dtype  # fp32 (fp64 for fp64 inputs)
     sums = dict(dtype=accumulate, device=weight.device)
     # Each row's g / temperature multiplies x_i (for dW) and the summed dx_i, after the matmuls
     # with W: in an fp16 operand g * du would flush to zero for per-token g ~ 1e-5.
     row_scale = grad_out.to(accumulate).div(temperature)
     vocab, dim = weight.shape
-    n = rows.shape[0]
     block_rows, width = tile_shape(n, weight, chunk_rows)
-    if n == 0:  # nothing scored: no tile, every gradient is zero
-        return tuple(torch.zeros_like(t) if need else None
-                     for t, need in ((rows, need_rows), (weight, need_weight), (bias, need_bias)))
     in_place = weight.dtype == accumulate  # W's own gradient can hold the sums
     # The first product into each sum overwrites it (beta = 0): no pass zeroing dx or dW first.
     d_rows = torch.empty(rows.shape, **sums) if need_rows else None  # sum over v of (p - onehot)_v W_v
     d_weight = torch.empty_like(weight) if need_weight else None
     block_sums = torch.empty((width, dim), **sums) if need_weight and not in_place else None
     scaled_rows = torch.empty((block_rows, dim), **sums) if need_weight else None
-    if need_weight and block_rows == n:  # one tile of rows: scale them once, not once per vocabulary block
+    scale_once = block_rows == n  # one tile of rows: scale them once, not once per vocabulary block
+    if need_weight and scale_once:
         torch.mul(rows, row_scale.unsqueeze(1), out=scaled_rows)
     d_bias = torch.zeros(vocab, **sums) if need_bias else None
     head = _Head(weight, bias, softcap, temperature, block_rows, width)
@@ -218,7 +219,7 @@ def _gradients(rows, weight, bias, targets, lse, grad_out, softcap, temperature,
                     d_rows[start:end].copy_(torch.mm(head.in_weight_dtype(du), weight[first:last]))
             if need_weight:
                 scaled = scaled_rows
-                if block_rows < n:
+                if not scale_once:
                     scaled = torch.mul(rows[start:end], row_scale[start:end].unsqueeze(1),
                                        out=scaled_rows[: end - start])
                 d_weight_block.addmm_(du.t(), scaled, beta=float(start > 0), alpha=-1.0)

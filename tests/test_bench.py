@@ -204,18 +204,6 @@ def test_gpu_check_imports_and_its_cpu_parts_run(capsys, monkeypatch):
     assert "vs best peer liger 2.00 ms (OK)" in bars and "vs liger 4 MB (OVER)" in bars
 
 
-@pytest.mark.parametrize("recompute, products", [(True, 8), (False, 6)])
-def test_head_floor_runs_the_stated_products(recompute, products, monkeypatch):
-    # Several row tiles and vocabulary blocks, the last of each ragged.
-    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 7 * 16)
-    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 16)
-    rows, weight = torch.randn(23, 5), torch.randn(37, 5)
-    run = head_floor.matrix_products(rows, weight, recompute)
-    with _MatrixProductFlops() as counted:
-        run()
-    assert counted.flops == products * 23 * 5 * 37
-
-
 class _MatrixProductFlops(TorchDispatchMode):
     """2·M·K·N for each mm and in-place addmm (FlopCounterMode skips the in-place one)."""
 
@@ -232,6 +220,19 @@ class _MatrixProductFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("recompute, products", [(True, 8), (False, 6)])
+def test_head_floor_runs_the_stated_products(recompute, products, monkeypatch):
+    # Several row tiles and vocabulary blocks, the last of each ragged.
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 7 * 16)
+    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 16)
+    rows, weight = torch.randn(23, 5), torch.randn(37, 5)
+    run = head_floor.matrix_products(rows, weight, recompute)
+    with _MatrixProductFlops() as counted:
+        run()
+    assert counted.flops == products * 23 * 5 * 37
+
+
+
 def test_head_floor_prints_a_row_per_share_and_row(capsys):
     rows = ["products 8NDV", "sami_fast", "sami_fast held"]
     assert head_floor.main(["--shape", "2", "9", "8", "40", "--rounds", "1", "--scored", "1.0", "0.5",
@@ -240,3 +241,14 @@ def test_head_floor_prints_a_row_per_share_and_row(capsys):
     for share in ("100%", "50%"):
         for row in rows:
             assert f"| {share} | {row} |" in printed
+
+
+def test_cuda_step_cases_have_sami_shapes():
+    # Built without a GPU: a case's model and data are made only when it runs.
+    cases = {case.params["C"]: case for case in step.cases("cuda", "full")}
+    assert sorted(cases) == [2, 8]
+    assert [case.name.split(" ideal")[0] for case in cases.values()] == ["C=R=2 Lp=512 Lr=128", "C=R=8 Lp=512 Lr=128"]
+    for C, case in cases.items():
+        names = [candidate.name for candidate in case.candidates]
+        assert "original" in names and any(name.startswith("sami_fast[") for name in names)
+        assert any(name.startswith("sami_backward[") for name in names) == (C == 8)

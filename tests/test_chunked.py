@@ -87,6 +87,23 @@ def test_fp32_matches_fp64_reference(chunk_rows, softcap, temperature, vocab_blo
                              chunk_rows=chunk_rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [7, None])
+def test_backward_writes_every_sum_before_reading_it(dtype, chunk_rows, monkeypatch):
+    """The backward's sums start as uninitialised buffers that the first product overwrites:
+    buffers filled with NaN instead must give the same exact gradients."""
+    monkeypatch.setattr(chunked, "VOCAB_BLOCK", 96)  # several vocabulary blocks
+    monkeypatch.setattr(chunked, "D_WEIGHT_CHUNK_ELEMENTS", 64 * 123)  # bf16: blocks of 64 columns
+
+    def filled_with_nan(factory):
+        return lambda *args, **kwargs: factory(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", filled_with_nan(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", filled_with_nan(torch.empty_like))
+    assert_matches_reference(make_case(37, 123, 1001, scale=4.0, seed=12), dtype=dtype, chunk_rows=chunk_rows,
+                             softcap=3.0)
+
+
 def test_output_is_fp32_and_zero_on_ignored_rows():
     rows, weight, bias, targets, _ = make_case(11, 9, 50, ignored=0.5)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -19,7 +19,7 @@ original-style step at C = R = 8 is a row saying how much memory it would need).
 No other library implements this step, so the suite has no peer. The gate checks the
 loss and the gradients of the final norm, the last layer's MLP output projection and the
 (tied) embedding against the float64 twin of the model running the plain full-sequence
-computation (``tests/oracle.py``), with the same computation in fp32 as plain.
+computation (``tests/oracle.py``), with the same computation in the model's dtype as plain.
 On CUDA the model is Llama-3-8B's architecture in bf16 with random weights
 (all 32 layers for "full", 2 for "quick"): real shapes without a download.
 Each case's name states the ideal speed-up, the token-count ratio
@@ -204,15 +204,18 @@ def _reference(size, device, C):
 
         model = _model(size, device)
         B, _, Lp, Lr = _problem(size, device, C)
-        # The float64 twin's weights, then one sequence at a time: its logits, log-softmax and their
-        # gradients, and (roughly) its activations, 16 hidden-sized values a token and layer.
+        checked = _checked_parameters(model)
+        # The float64 twin's weights and the checked parameters' gradients, then one sequence at a
+        # time: its logits, log-softmax and their gradients (4 vocabulary-sized values a token) and,
+        # roughly, its activations (16 hidden-sized values a token and layer).
         config = model.config
-        estimate = 8 * (sum(p.numel() for p in model.parameters())
-                        + 4 * (Lp + Lr) * (config.vocab_size + 16 * config.num_hidden_layers * config.hidden_size))
+        parameters = dict(model.named_parameters())
+        weights = sum(p.numel() for p in parameters.values()) + sum(parameters[n].numel() for n in checked)
+        estimate = 8 * (weights + (Lp + Lr) * (4 * config.vocab_size
+                                               + 16 * config.num_hidden_layers * config.hidden_size))
         if estimate > available_memory_bytes(device):
             raise CaseSkipped(f"the float64 reference needs ~{estimate / 2**30:.0f} GiB")
         prompts, responses = _data(B, C, Lp, Lr, config.vocab_size, device)
-        checked = _checked_parameters(model)
         out = []
         for twin in (fp64_twin(model), model):
             grads, matrix = streamed_full_sequence_grads(twin, reference.sami_loss, prompts, responses, checked)
