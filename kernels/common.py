@@ -26,10 +26,26 @@ def online_lse_update(running_max, running_sum, z, AXIS: tl.constexpr):
     return new_max, new_sum
 
 
+# Cephes' tanhf: tanh(x) = x + x^3 P(x^2) for |x| < TANH_SERIES_BELOW, to ~1e-7 relative.
+TANH_SERIES_BELOW = tl.constexpr(0.625)
+TANH_P4, TANH_P3, TANH_P2, TANH_P1, TANH_P0 = (tl.constexpr(c) for c in (
+    -5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1,
+))
+
+
 @triton.jit
 def tanh(x):
-    """tanh from the sigmoid: libdevice's tanh is unavailable under the interpreter."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    """fp32 tanh to a few ulps relative (libdevice's tanh is unavailable under the interpreter).
+
+    Near 0, 1 - 2 / (exp(2x) + 1) (or 2·sigmoid(2x) - 1) cancels to an error of an ulp of 1,
+    not of tanh(x), which a softcap c turns into c·eps on every small logit; there an odd
+    polynomial instead. From |x| = 0.625 on, tanh >= 0.55 and the exp form no longer cancels.
+    """
+    magnitude = tl.abs(x)
+    x2 = x * x
+    series = ((((TANH_P4 * x2 + TANH_P3) * x2 + TANH_P2) * x2 + TANH_P1) * x2 + TANH_P0) * x2 * x + x
+    saturating = 1.0 - 2.0 / (tl.exp(2.0 * magnitude) + 1.0)  # exp overflows to inf for large |x|: exactly 1
+    return tl.where(magnitude < TANH_SERIES_BELOW, series, tl.where(x < 0, -saturating, saturating))
 
 
 @triton.jit
