@@ -45,15 +45,17 @@ def matrix_products(rows: torch.Tensor, weight: torch.Tensor, recompute: bool):
             for start in range(0, n, block_rows):
                 yield slice(first, min(first + width, vocab)), slice(start, min(start + block_rows, n))
 
+    def tile_of(columns, part):
+        return tile[: part.stop - part.start, : columns.stop - columns.start]
+
     def logits(columns, part):
-        z = tile[: part.stop - part.start, : columns.stop - columns.start]
-        return torch.mm(rows[part], weight[columns].t(), out=z)
+        return torch.mm(rows[part], weight[columns].t(), out=tile_of(columns, part))
 
     def run():
         for columns, part in tiles():
             logits(columns, part)
         for columns, part in tiles():
-            z = logits(columns, part) if recompute else tile[: part.stop - part.start, : columns.stop - columns.start]
+            z = logits(columns, part) if recompute else tile_of(columns, part)
             d_rows[part].addmm_(z, weight[columns], beta=float(columns.start > 0))
             d_weight[columns].addmm_(z.t(), rows[part], beta=float(part.start > 0))
 

@@ -232,7 +232,6 @@ def test_head_floor_runs_the_stated_products(recompute, products, monkeypatch):
     assert counted.flops == products * 23 * 5 * 37
 
 
-
 def test_head_floor_prints_a_row_per_share_and_row(capsys):
     rows = ["products 8NDV", "sami_fast", "sami_fast held"]
     assert head_floor.main(["--shape", "2", "9", "8", "40", "--rounds", "1", "--scored", "1.0", "0.5",
